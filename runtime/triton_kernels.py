@@ -1,0 +1,497 @@
+"""Triton kernels for threshold-sparse GEMV (WINA / TEAL activation sparsity).
+
+Math (per batch row b, per output column n)::
+
+    keep[b, i] = |x[b, i]| * scale[i] >= threshold        (scale == 1 for TEAL)
+    y[b, n]    = sum_i keep[b, i] * x[b, i] * W_t[i, n]  (+ bias[n])
+
+which is exactly ``torch.where(x.abs() * scale >= t, x, 0) @ w_t (+ bias)``, including
+torch's type-promotion rules for the comparison (with ``scale`` the test runs in fp32;
+without it, the threshold is rounded to ``x.dtype`` first, as torch does).
+
+Weights are stored input-channel-major (``w_t = W.T.contiguous()``, shape ``[K, N]``), so
+the weights of one input channel are one contiguous row of ``N`` elements. Each program
+of the kernel owns a tile of ``BLOCK_N`` output columns and a slice of ``K`` (split-K); it
+evaluates the threshold test for its input channels and issues the load of a weight row
+only when the channel is active (for B > 1: active in any batch row), so inactive rows
+cost no memory traffic. A warp reads ``BLOCK_N`` contiguous elements of an active row
+(coalesced, 16-byte vectors). Accumulation is fp32. The split-K partial sums are reduced
+in one launch: every program atomically adds its partial into an fp32 workspace, bumps a
+per-column-block counter, and the last program of a column block reads the workspace
+(atomically, from L2), zeroes it, adds the bias and writes the output in ``x.dtype``.
+The workspace and counters are cached per (device, B, N) and are left zeroed after every
+launch, so the kernel is CUDA-graph safe. Caveat: two launches with the same (device, B,
+N) must not run concurrently on different streams.
+
+The module imports without triton or a GPU (``HAVE_TRITON`` tells). On CPU it runs under
+``TRITON_INTERPRET=1`` (set before triton is imported), which the tests use.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+try:  # pragma: no cover - depends on the environment
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+__all__ = [
+    "HAVE_TRITON",
+    "sparse_gemv",
+    "sparse_gemv_segments",
+    "reference_sparse_gemv",
+    "reference_sparse_gemv_segments",
+    "pick_config",
+    "DEFAULT_CONFIGS",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Reference (pure torch) implementations: the semantics the kernels must match.
+# --------------------------------------------------------------------------------------
+def reference_sparse_gemv(x, w_t, threshold, scale=None, bias=None):
+    s = 1.0 if scale is None else scale
+    xm = torch.where(x.abs() * s >= threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    y = xm @ w_t
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def reference_sparse_gemv_segments(x, w_t, thresholds, seg_sizes, scales=None, bias=None):
+    outs = []
+    start = 0
+    for j, n in enumerate(seg_sizes):
+        outs.append(
+            reference_sparse_gemv(
+                x,
+                w_t[:, start : start + n],
+                thresholds[j],
+                None if scales is None else scales[j],
+                None if bias is None else bias[start : start + n],
+            )
+        )
+        start += n
+    return torch.cat(outs, dim=-1)
+
+
+# --------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------
+if HAVE_TRITON:
+
+    @triton.jit
+    def _load_x1(x_ptr, scale_ptr, seg, K, offs_k, k_hi, HAS_SCALE: tl.constexpr):
+        k_in = offs_k < k_hi
+        xr = tl.load(x_ptr + offs_k, mask=k_in, other=0.0)
+        if HAS_SCALE:
+            sr = tl.load(scale_ptr + seg * K + offs_k, mask=k_in, other=0.0)
+        else:
+            sr = xr
+        return xr, sr
+
+    @triton.jit
+    def _act1(xr, sr, t, offs_k, k_hi, HAS_SCALE: tl.constexpr):
+        xv = xr.to(tl.float32)
+        if HAS_SCALE:
+            act = tl.abs(xv) * sr >= t
+        else:
+            act = tl.abs(xv) >= t
+        act = act & (offs_k < k_hi)
+        return tl.where(act, xv, 0.0), act
+
+    @triton.jit
+    def _load_w(w_cols, offs_k, stride_wk, act, n_in, EVEN_N: tl.constexpr, EVICT: tl.constexpr):
+        if EVEN_N:
+            m = act[:, None]
+        else:
+            m = act[:, None] & n_in[None, :]
+        if EVICT:
+            return tl.load(w_cols + offs_k[:, None] * stride_wk, mask=m, other=0.0, eviction_policy="evict_first")
+        else:
+            return tl.load(w_cols + offs_k[:, None] * stride_wk, mask=m, other=0.0)
+
+    @triton.jit
+    def _sparse_gemv_kernel(
+        x_ptr,  # [B, K], row stride stride_xb, unit column stride
+        w_ptr,  # [K, N], row stride stride_wk, unit column stride
+        thr_ptr,  # [NSEG] fp32
+        scale_ptr,  # [NSEG, K] fp32 (contiguous) or dummy
+        bias_ptr,  # [N] or dummy
+        blkseg_ptr,  # [cdiv(N, BLOCK_N)] int32 segment of each column block, or dummy
+        out_ptr,  # [B, N], row stride stride_ob
+        ws_ptr,  # [B, N] fp32 workspace (zeroed), used when SPLIT_K > 1
+        cnt_ptr,  # [cdiv(N, BLOCK_N)] int32 counters (zeroed), used when SPLIT_K > 1
+        B,
+        K,
+        N,
+        stride_xb,
+        stride_wk,
+        stride_ob,
+        K_PER_SPLIT,  # multiple of BLOCK_K
+        SPLIT_K: tl.constexpr,  # True when the K dimension is split over programs
+        NSEG: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_B: tl.constexpr,  # 1 -> elementwise path; >= 16 -> tl.dot path
+        BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DOT_IEEE: tl.constexpr,
+        PREFETCH: tl.constexpr,
+        EVEN_N: tl.constexpr,
+        USE_DOT: tl.constexpr,
+        EVICT: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_in = offs_n < N
+        if NSEG > 1:
+            seg = tl.load(blkseg_ptr + pid_n)
+        else:
+            seg = 0
+        t = tl.load(thr_ptr + seg).to(tl.float32)
+        if not HAS_SCALE:
+            # torch compares |x| (x.dtype) with the threshold rounded to x.dtype.
+            if x_ptr.dtype.element_ty == tl.bfloat16:
+                # explicit round-to-nearest-even (the CPU interpreter truncates)
+                bits = t.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                t = bits.to(tl.float32, bitcast=True)
+            else:
+                t = t.to(x_ptr.dtype.element_ty).to(tl.float32)
+
+        k_lo = pid_k * K_PER_SPLIT
+        w_cols = w_ptr + offs_n[None, :]
+
+        if BLOCK_B == 1:
+            k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+            acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+            if PREFETCH:
+                # software pipeline: the weight tile of step i+1 and the x/scale of step
+                # i+2 are in flight while step i is accumulated.
+                offs_k = k_lo + tl.arange(0, BLOCK_K)
+                xr, sr = _load_x1(x_ptr, scale_ptr, seg, K, offs_k, k_hi, HAS_SCALE)
+                xm, act = _act1(xr, sr, t, offs_k, k_hi, HAS_SCALE)
+                w = _load_w(w_cols, offs_k, stride_wk, act, n_in, EVEN_N, EVICT)
+                offs_k += BLOCK_K
+                xr, sr = _load_x1(x_ptr, scale_ptr, seg, K, offs_k, k_hi, HAS_SCALE)
+                for kk in range(0, K_PER_SPLIT, BLOCK_K):
+                    xm1, act1 = _act1(xr, sr, t, offs_k, k_hi, HAS_SCALE)
+                    w1 = _load_w(w_cols, offs_k, stride_wk, act1, n_in, EVEN_N, EVICT)
+                    xr, sr = _load_x1(x_ptr, scale_ptr, seg, K, offs_k + BLOCK_K, k_hi, HAS_SCALE)
+                    acc += xm[:, None] * w.to(tl.float32)
+                    xm = xm1
+                    w = w1
+                    offs_k += BLOCK_K
+            else:
+                for kk in range(0, K_PER_SPLIT, BLOCK_K):
+                    offs_k = k_lo + kk + tl.arange(0, BLOCK_K)
+                    xr, sr = _load_x1(x_ptr, scale_ptr, seg, K, offs_k, k_hi, HAS_SCALE)
+                    xm, act = _act1(xr, sr, t, offs_k, k_hi, HAS_SCALE)
+                    w = _load_w(w_cols, offs_k, stride_wk, act, n_in, EVEN_N, EVICT)
+                    acc += xm[:, None] * w.to(tl.float32)
+            res = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
+        else:
+            offs_b = tl.arange(0, BLOCK_B)
+            b_in = offs_b < B
+            acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+            for kk in range(0, K_PER_SPLIT, BLOCK_K):
+                offs_k = k_lo + kk + tl.arange(0, BLOCK_K)
+                k_in = offs_k < K
+                xb = tl.load(
+                    x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :],
+                    mask=b_in[:, None] & k_in[None, :],
+                    other=0.0,
+                )
+                xf = xb.to(tl.float32)
+                if HAS_SCALE:
+                    sv = tl.load(scale_ptr + seg * K + offs_k, mask=k_in, other=0.0)
+                    act2 = tl.abs(xf) * sv[None, :] >= t
+                else:
+                    act2 = tl.abs(xf) >= t
+                act2 = act2 & b_in[:, None] & k_in[None, :]
+                union = tl.max(act2.to(tl.int32), axis=0) > 0
+                w = tl.load(
+                    w_cols + offs_k[:, None] * stride_wk,
+                    mask=union[:, None] & n_in[None, :],
+                    other=0.0,
+                )
+                if not USE_DOT:
+                    xm = tl.where(act2, xf, 0.0)
+                    acc += tl.sum(xm[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+                elif DOT_IEEE:
+                    # fp32 inputs, or the CPU interpreter (its bf16/fp16 dot is broken)
+                    xm = tl.where(act2, xf, 0.0)
+                    acc += tl.dot(xm, w.to(tl.float32), input_precision="ieee")
+                else:
+                    xm = tl.where(act2, xf, 0.0).to(w.dtype)
+                    acc += tl.dot(xm, w)
+            res = acc
+
+        rows = tl.arange(0, BLOCK_B)
+        r_in = rows < B
+        o_mask = r_in[:, None] & n_in[None, :]
+        if not SPLIT_K:
+            if HAS_BIAS:
+                res += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+            tl.store(
+                out_ptr + rows[:, None] * stride_ob + offs_n[None, :],
+                res.to(out_ptr.dtype.element_ty),
+                mask=o_mask,
+            )
+        else:
+            ws = ws_ptr + rows[:, None] * N + offs_n[None, :]
+            tl.atomic_add(ws, res, mask=o_mask, sem="relaxed")
+            tl.debug_barrier()
+            cnt = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            if cnt == tl.num_programs(1) - 1:
+                zero = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+                # read the sums from L2 (atomic: sees every program's adds), then re-zero
+                tot = tl.atomic_add(ws, zero, mask=o_mask, sem="relaxed")
+                tl.store(ws, zero, mask=o_mask)
+                if HAS_BIAS:
+                    tot += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+                tl.store(
+                    out_ptr + rows[:, None] * stride_ob + offs_n[None, :],
+                    tot.to(out_ptr.dtype.element_ty),
+                    mask=o_mask,
+                )
+                tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
+# --------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------
+# (block_n, block_k, k_per_split, num_warps, num_stages); tuned on an H200 by
+# benchmarks/gpu_kernels.py --tune (bf16). Keyed by batch path ("b1" or "bN").
+DEFAULT_CONFIGS = {  # generic fallbacks; pick_config() holds the tuned rules
+    "b1": dict(block_n=64, block_k=32, k_per_split=128, num_warps=1, num_stages=1),
+    "bN": dict(block_n=128, block_k=32, k_per_split=256, num_warps=4, num_stages=3, use_dot=True),
+}
+_SM_COUNT = {}
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def pick_config(B: int, K: int, N: int, seg_sizes: Optional[Sequence[int]] = None, device=None) -> dict:
+    """Launch config for a [B, K] x [K, N] problem (bf16 H200 tuning, see
+    benchmarks/gpu_kernels.py --tune). Returns a dict with block_n, block_k, k_per_split,
+    num_warps, num_stages (+ use_dot for B > 1). block_n is later reduced, if needed, so
+    that it divides every segment boundary."""
+    if B == 1:
+        # Small tiles (64 cols x 32 rows, one warp) and many programs won: the kernel is
+        # bound by load latency (x -> mask -> weight-row load chain), so occupancy matters
+        # more than tile size. Split K so the grid has <= ~2048 programs.
+        nblk = -(-N // 64)
+        kps = 64
+        while kps < 512 and nblk * -(-K // kps) > 2048:
+            kps *= 2
+        if nblk * -(-K // kps) > 2048:  # very wide (e.g. fused gate_up 4096 -> 28672)
+            return dict(block_n=256, block_k=16, k_per_split=512, num_warps=2, num_stages=1)
+        return dict(block_n=64, block_k=64 if kps == 64 else 32, k_per_split=kps, num_warps=1, num_stages=1)
+    kps = 512 if N * K >= 32 * 1024 * 1024 else 256
+    return dict(block_n=128, block_k=32, k_per_split=kps, num_warps=4, num_stages=3, use_dot=True)
+
+
+def _fix_block_n(block_n: int, N: int, seg_sizes: Optional[Sequence[int]]) -> int:
+    block_n = min(block_n, max(16, triton.next_power_of_2(N)))
+    if seg_sizes is not None and len(seg_sizes) > 1:
+        while block_n > 16 and any(n % block_n for n in seg_sizes[:-1]):
+            block_n //= 2
+        if any(n % block_n for n in seg_sizes[:-1]):
+            raise ValueError(f"segment sizes {tuple(seg_sizes)} must be multiples of 16")
+    return block_n
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_WS_CACHE = {}
+_BLKSEG_CACHE = {}
+
+
+def _workspace(device, B: int, N: int, nblk: int):
+    key = (device, B, N)
+    ws = _WS_CACHE.get(key)
+    if ws is None or ws[1].numel() < nblk:
+        ws = (
+            torch.zeros(B * N, dtype=torch.float32, device=device),
+            torch.zeros(max(nblk, 1), dtype=torch.int32, device=device),
+        )
+        _WS_CACHE[key] = ws
+    return ws
+
+
+def _blkseg(device, seg_sizes: tuple, block_n: int):
+    key = (device, seg_sizes, block_n)
+    t = _BLKSEG_CACHE.get(key)
+    if t is None:
+        ids = []
+        for j, n in enumerate(seg_sizes):
+            ids += [j] * (n // block_n)
+        if sum(seg_sizes) % block_n:
+            ids.append(len(seg_sizes) - 1)
+        t = torch.tensor(ids, dtype=torch.int32, device=device)
+        _BLKSEG_CACHE[key] = t
+    return t
+
+
+def _as_f32_vec(v, n, device):
+    if isinstance(v, torch.Tensor):
+        v = v.to(device=device, dtype=torch.float32).reshape(-1)
+    else:
+        v = torch.tensor([float(a) for a in (v if isinstance(v, (list, tuple)) else [v])],
+                         dtype=torch.float32, device=device)
+    if v.numel() == 1 and n > 1:
+        v = v.expand(n).contiguous()
+    if v.numel() != n:
+        raise ValueError(f"expected {n} thresholds, got {v.numel()}")
+    return v
+
+
+def sparse_gemv_segments(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    thresholds,
+    seg_sizes: Sequence[int],
+    scales: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    config: Optional[dict] = None,
+) -> torch.Tensor:
+    """Fused threshold-sparse GEMV over column segments that share one input.
+
+    ``w_t`` is ``[K, N]`` with ``N = sum(seg_sizes)``: the input-channel-major weights of
+    several projections concatenated along the output dim (e.g. ``cat([Wq.T, Wk.T, Wv.T],
+    1)`` with ``seg_sizes=(4096, 1024, 1024)``, or gate/up). Output column ``n`` belongs to
+    segment ``j`` (``sum(seg_sizes[:j]) <= n < sum(seg_sizes[:j+1])``) and uses that
+    segment's mask ``|x| * scales[j] >= thresholds[j]``::
+
+        y[:, seg j] = where(|x| * scales[j] >= thresholds[j], x, 0) @ w_t[:, seg j] (+ bias)
+
+    Args:
+        x: ``[B, K]`` (B small, 1..8), bf16/fp16/fp32, unit column stride.
+        w_t: ``[K, N]`` contiguous, same dtype as x.
+        thresholds: ``[nseg]`` tensor (any float dtype, on x's device preferably; a
+            Python float/list works too but costs a host-to-device copy) or a scalar
+            shared by all segments.
+        seg_sizes: column count of each segment; all but the last must be multiples of 16.
+        scales: ``[nseg, K]`` fp32 per-input-channel scales (WINA column norms), or None
+            (TEAL: all ones). A ``[K]`` tensor is shared by all segments.
+        bias: ``[N]`` or None.
+        out: optional ``[B, N]`` output (x.dtype).
+        config: optional launch config override (see ``pick_config``).
+    Returns ``[B, N]`` in x.dtype (split it with ``y.split(seg_sizes, -1)``).
+    One kernel launch for all segments.
+    """
+    if not HAVE_TRITON:
+        raise RuntimeError("triton is not available")
+    assert x.dim() == 2 and w_t.dim() == 2, "x must be [B, K], w_t [K, N]"
+    B, K = x.shape
+    K2, N = w_t.shape
+    assert K == K2, f"x has K={K}, w_t has K={K2}"
+    seg_sizes = tuple(int(s) for s in seg_sizes)
+    assert sum(seg_sizes) == N, f"seg_sizes {seg_sizes} do not sum to N={N}"
+    nseg = len(seg_sizes)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if w_t.stride(1) != 1:
+        w_t = w_t.contiguous()
+    dev = x.device
+    thr = _as_f32_vec(thresholds, nseg, dev)
+    if scales is not None:
+        scales = scales.to(device=dev, dtype=torch.float32)
+        if scales.dim() == 1:
+            scales = scales.reshape(1, K).expand(nseg, K)
+        assert scales.shape == (nseg, K), f"scales must be [{nseg}, {K}]"
+        scales = scales.contiguous()
+    if bias is not None:
+        assert bias.numel() == N
+        bias = bias.contiguous()
+    if out is None:
+        out = torch.empty((B, N), dtype=x.dtype, device=dev)
+    else:
+        assert out.shape == (B, N) and out.stride(1) == 1
+
+    cfg = dict(config) if config is not None else pick_config(B, K, N, seg_sizes, dev)
+    block_n = _fix_block_n(cfg["block_n"], N, seg_sizes)
+    block_k = cfg["block_k"]
+    use_dot = bool(cfg.get("use_dot", True))
+    if B == 1:
+        block_b = 1
+    elif use_dot:
+        block_b = max(16, triton.next_power_of_2(B))
+    else:
+        block_b = triton.next_power_of_2(B)
+    kps = max(block_k, (cfg["k_per_split"] // block_k) * block_k)
+    kps = min(kps, triton.cdiv(K, block_k) * block_k)
+    split_k = triton.cdiv(K, kps)
+    nblk = triton.cdiv(N, block_n)
+    if split_k > 1:
+        ws, cnt = _workspace(dev, B, N, nblk)
+    else:
+        ws, cnt = out, out  # unused
+    blkseg = _blkseg(dev, seg_sizes, block_n) if nseg > 1 else thr
+    _sparse_gemv_kernel[(nblk, split_k)](
+        x, w_t, thr,
+        scales if scales is not None else thr,
+        bias if bias is not None else thr,
+        blkseg, out, ws, cnt,
+        B, K, N, x.stride(0), w_t.stride(0), out.stride(0), kps,
+        SPLIT_K=split_k > 1, NSEG=nseg,
+        HAS_SCALE=scales is not None, HAS_BIAS=bias is not None,
+        BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n,
+        DOT_IEEE=x.dtype == torch.float32 or _interpreting(),
+        PREFETCH=bool(cfg.get("prefetch", False)), EVEN_N=N % block_n == 0,
+        USE_DOT=use_dot, EVICT=bool(cfg.get("evict", False)),
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1),
+    )
+    return out
+
+
+def sparse_gemv(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    threshold,
+    scale: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    config: Optional[dict] = None,
+) -> torch.Tensor:
+    """y = where(|x| * scale >= threshold, x, 0) @ w_t (+ bias), reading only active rows.
+
+    x: ``[B, K]`` (B in 1..8; 1-D ``[K]`` is accepted and gives ``[N]``); w_t: ``[K, N]``
+    contiguous (``W.T.contiguous()``); threshold: 0-dim tensor (preferred; no host sync)
+    or float; scale: ``[K]`` fp32 or None (TEAL); bias: ``[N]`` or None. For B > 1 every
+    row uses its own mask; a weight row is read when any row needs it. fp32 accumulation;
+    output in x.dtype.
+    """
+    squeeze = x.dim() == 1
+    if squeeze:
+        x = x.unsqueeze(0)
+    if out is not None and out.dim() == 1:
+        out = out.unsqueeze(0)
+    y = sparse_gemv_segments(
+        x, w_t, threshold, (w_t.shape[1],),
+        scales=None if scale is None else scale.reshape(1, -1),
+        bias=bias, out=out, config=config,
+    )
+    return y.squeeze(0) if squeeze else y
