@@ -2,7 +2,7 @@
 
 from .data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_SOURCE, calibration_tokens
 from .stats import column_norms, score_quantiles, sparsity_levels
-from .thresholds import threshold_at
+from .thresholds import threshold_at, threshold_for
 
 __all__ = [
     "DEFAULT_SAMPLES",
@@ -13,4 +13,5 @@ __all__ = [
     "score_quantiles",
     "sparsity_levels",
     "threshold_at",
+    "threshold_for",
 ]

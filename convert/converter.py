@@ -1,9 +1,9 @@
 """Source model -> annotated safetensors checkpoint, one decoder layer at a time.
 
-Calibration hidden states are carried from layer to layer: each block is built from the source weights, run
-densely on the calibration batch while the inputs of its linears are captured, tabulated, and written out. Only
-one block's weights and activations are live at a time, which later per-layer searches (transform, allocation)
-reuse.
+Calibration hidden states are carried from layer to layer: each block is built from the (transformed) source
+weights, run densely on the calibration batch while the inputs of its linears are captured, tabulated (dense and
+sparse-aware quantile tables), optionally searched for a greedy allocation, and written out. Only one block's
+weights and activations are live at a time.
 """
 
 from __future__ import annotations
@@ -26,23 +26,42 @@ from wina.calibration import (
     column_norms,
     score_quantiles,
     sparsity_levels,
+    threshold_at,
 )
+from wina.calibration.allocation import allocation_grid, greedy_allocation
 from wina.errors import WinaError
 from wina.format import (
+    ALLOCATION_LEVELS_KEY,
+    ALLOCATIONS,
     CONFIG_SECTION,
     FORMAT_VERSION,
     LEVELS_KEY,
     METHODS,
+    SPARSE_CALIBRATION_LEVELS,
+    SPARSE_LEVELS_KEY,
+    TRANSFORMS,
+    allocation_key,
     check_sparsity,
     col_norm_key,
     quantiles_key,
+    sparse_quantiles_key,
 )
 from wina.runtime.config import DecoderConfig
-from wina.runtime.model import Block, Rotary, bias_flags, block_tensor_names, global_tensor_names
+from wina.runtime.model import (
+    Block,
+    Rotary,
+    bias_flags,
+    block_tensor_names,
+    global_tensor_names,
+    shortcut_tensor_names,
+)
 
 from .source import Source, open_source
+from .transform import make_transform
 from .writer import ShardWriter, staging_dir
 
+# Calibration sequences that also run sparse (per method and sparsity) for the sparse-aware tables.
+SPARSE_CALIBRATION_SAMPLES = 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -57,11 +76,22 @@ class ConvertOptions:
     seed: int = 0
     device: str = "cpu"  # where calibration runs
     batch_size: int = 8  # calibration sequences per forward
+    transform: str = "none"  # orthogonal transform of the weights (convert/transform.py)
+    allocation: str = "uniform"  # "greedy": per-matrix sparsity search (calibration/allocation.py), for `method`
+    allocation_samples: int = 4  # greedy search: calibration sequences it measures the block error on ...
+    allocation_seq_len: int = 64  # ... and their first tokens
+    allocation_step: float = 0.01  # greedy search: block sparsity added per step
 
     def validate(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise WinaError(f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
+        if not 0 < self.allocation_step <= 0.1:
+            raise WinaError(f"allocation step {self.allocation_step} is out of range: choose a value in (0, 0.1]")
         if self.method not in METHODS:
             raise WinaError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         check_sparsity(self.sparsity)
+        if self.transform not in TRANSFORMS:
+            raise WinaError(f"unknown transform {self.transform!r}: choose one of {', '.join(TRANSFORMS)}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise WinaError(f"unknown dtype {self.dtype!r}: choose auto or one of {', '.join(DTYPES)}")
 
@@ -92,48 +122,141 @@ def _output_dtype(source: Source, opts: ConvertOptions) -> torch.dtype:
 
 
 def _write_checkpoint(source: Source, tokens: torch.Tensor, opts: ConvertOptions, tmp: Path) -> None:
-    cfg = DecoderConfig.from_hf(source.config)
     dtype = _output_dtype(source, opts)
+    # The transform hands out every tensor as the checkpoint will hold it (rounded to the output dtype).
+    transform = make_transform(opts.transform, source, DecoderConfig.from_hf(source.config), dtype)
+    cfg = transform.config
     dev = torch.device(opts.device)
     writer = ShardWriter(tmp)
     bias = bias_flags(cfg, lambda n: n in source.names)
 
-    def stored(name: str) -> torch.Tensor:
-        """The tensor as the checkpoint will hold it (rounded to the output dtype)."""
-        return source.get(name).to(dtype)
-
+    tensors = transform.globals()
     for name in global_tensor_names(cfg).values():
-        writer.add(name, stored(name))
-    embed = stored(cfg.arch.embed).to(dev, torch.float32)
+        writer.add(name, tensors[name])
+    embed = tensors[cfg.arch.embed].to(dev, torch.float32)
     hidden = embed[tokens.to(dev)]
-    del embed
+    del embed, tensors
     rotary = Rotary(cfg).to(dev)
     cos, sin = rotary(torch.arange(tokens.shape[1], device=dev), torch.float32)
 
     levels = sparsity_levels()
     writer.add(LEVELS_KEY, levels)
+    writer.add(SPARSE_LEVELS_KEY, torch.tensor(SPARSE_CALIBRATION_LEVELS, dtype=torch.float32))
     for i in tqdm(range(cfg.num_layers), desc="calibrating layers", unit="layer"):
         block = Block(cfg, i, bias).to(dev)
         params = dict(block.named_parameters())
+        tensors = transform.layer(i)
         for path, name in block_tensor_names(cfg, i).items():
             if path in params:
-                t = stored(name)
+                t = tensors[name]
                 writer.add(name, t)
                 params[path].data = t.to(dev, torch.float32)
+        for path, name in shortcut_tensor_names(cfg, i).items():
+            if name in tensors:
+                writer.add(name, tensors[name])
+                setattr(block, path, torch.nn.Parameter(tensors[name].to(dev, torch.float32), requires_grad=False))
+        del tensors
+        greedy = opts.allocation == "greedy"
+        x_alloc = hidden[: opts.allocation_samples, : opts.allocation_seq_len].clone() if greedy else None
+        x_sparse = hidden[:SPARSE_CALIBRATION_SAMPLES].clone()
         inputs, hidden = _run_block(block, hidden, cos, sin, opts.batch_size)
         gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + i)
         for group, shorts in INPUT_GROUPS.items():
-            x = inputs[group]
-            teal = score_quantiles(x, None, gen)
+            teal: dict[int, torch.Tensor] = {}
             for short in shorts:
                 key = cfg.arch.linear_key(i, short)
-                norms = column_norms(block.linears()[short].weight)
+                weight = block.linears()[short].weight
+                # A narrowed weight (svd k_proj) reads only the first in_features input channels: score only those.
+                x = inputs[group]
+                x = x if weight.shape[1] == x.shape[-1] else x[:, : weight.shape[1]]
+                if weight.shape[1] not in teal:
+                    teal[weight.shape[1]] = score_quantiles(x, None, gen)
+                norms = column_norms(weight)
                 writer.add(col_norm_key(key), norms)
-                writer.add(quantiles_key(key, "teal"), teal.clone())
+                writer.add(quantiles_key(key, "teal"), teal[weight.shape[1]].clone())
                 writer.add(quantiles_key(key, "wina"), score_quantiles(x, norms.to(x.device), gen))
+        norms = {short: writer.get(col_norm_key(cfg.arch.linear_key(i, short))) for short in block.linears()}
+        for (short, method), table in _sparse_aware_tables(block, x_sparse, cos, sin, norms, levels, gen).items():
+            writer.add(sparse_quantiles_key(cfg.arch.linear_key(i, short), method), table)
+        if x_alloc is not None:
+            _add_allocation(writer, block, x_alloc, cos, sin, levels, cfg, i, opts)
         del inputs, block
     writer.close()
     _write_metadata(source, cfg, opts, tokens, dtype, tmp)
+
+
+def _add_allocation(writer, block, x, cos, sin, levels, cfg, i: int, opts: ConvertOptions) -> None:
+    """Greedy per-matrix allocation of layer `i` for the checkpoint's method, from the tables just written."""
+    if i == 0:
+        writer.add(ALLOCATION_LEVELS_KEY, allocation_grid())
+    shorts = list(block.linears())
+    keys = {s: cfg.arch.linear_key(i, s) for s in shorts}
+    table, stats = greedy_allocation(
+        block,
+        x,
+        cos[: x.shape[1]],
+        sin[: x.shape[1]],
+        {s: writer.get(quantiles_key(k, opts.method)) for s, k in keys.items()},
+        levels,
+        opts.method,
+        {s: writer.get(col_norm_key(k)) for s, k in keys.items()},
+        step=opts.allocation_step,
+        desc=f"greedy allocation, layer {i}",
+    )
+    writer.add(allocation_key(cfg.arch.layer_prefix.format(i=i), opts.method), table)
+    tqdm.write(f"layer {i}: greedy allocation, {stats.steps} steps, {stats.evaluations} block forwards, "
+               f"{stats.seconds:.1f} s ({stats.cpu_seconds:.1f} s CPU)")
+
+
+@torch.no_grad()
+def _sparse_aware_tables(
+    block: Block,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    norms: dict[str, torch.Tensor],
+    levels: torch.Tensor,
+    gen: torch.Generator,
+) -> dict[tuple[str, str], torch.Tensor]:
+    """Quantile tables of every linear's input while the block runs sparse, per (method, uniform sparsity g).
+
+    Thresholds calibrated on the dense block drift once the block's earlier matrices drop channels: the down
+    projection reads silu(gate)·up computed from sparse inputs, o reads attention over sparse q/k/v, and measured
+    sparsity overshoots or undershoots the target. Here the block runs on its dense calibration input `x` with
+    every matrix sparse; a pre-hook on each input group tabulates that group's input and sets its thresholds just
+    before it runs, so each table is measured under the sparsity it serves. Only the block's own sparsity is
+    modelled: drift carried across layers was measured to transfer poorly from calibration to evaluation text.
+    Returns (short name, method) -> [len(levels g), N_LEVELS].
+    """
+    linears = block.linears()
+    rows: dict[tuple[str, str], list[torch.Tensor]] = {(s, m): [] for s in linears for m in METHODS}
+    for short, lin in linears.items():
+        lin.col_norm = norms[short].to(lin.weight.device)
+    pos = torch.arange(cos.shape[0], device=cos.device)
+    for method, g in ((m, g) for m in METHODS for g in SPARSE_CALIBRATION_LEVELS):
+
+        def tabulate(module, args, shorts):
+            flat = args[0].reshape(-1, args[0].shape[-1])
+            for short in shorts:
+                lin = linears[short]
+                xin = flat[:, : lin.weight.shape[1]]  # a narrowed k_proj reads a prefix of its input
+                scale = lin.col_norm if method == "wina" else None
+                table = score_quantiles(xin, scale, gen)
+                rows[(short, method)].append(table)
+                lin.set_threshold(threshold_at(levels, table, g), use_col_norm=method == "wina")
+
+        hooks = [
+            linears[shorts[0]].register_forward_pre_hook(lambda mod, args, s=shorts: tabulate(mod, args, s))
+            for shorts in INPUT_GROUPS.values()
+        ]
+        try:
+            block(x, cos, sin, pos, None, True)
+        finally:
+            for h in hooks:
+                h.remove()
+    for lin in linears.values():
+        lin.set_threshold(0.0, use_col_norm=True)
+    return {key: torch.stack(tables) for key, tables in rows.items()}
 
 
 @torch.no_grad()
@@ -167,6 +290,8 @@ def _write_metadata(
             delattr(hf, attr)
     hf.architectures = list(getattr(hf, "architectures", None) or cfg.arch.hf_architectures[:1])
     hf.dtype = str(dtype).removeprefix("torch.")
+    if not cfg.tie_word_embeddings:  # a rotation unties embeddings (the LM head is rotated differently)
+        hf.tie_word_embeddings = False
     hf.save_pretrained(tmp)
     config_path = tmp / "config.json"
     data = json.loads(config_path.read_text())
@@ -175,8 +300,9 @@ def _write_metadata(
         "format_version": FORMAT_VERSION,
         "method": opts.method,
         "sparsity": opts.sparsity,
-        "allocation": "uniform",
-        "transform": "none",
+        "allocation": opts.allocation,
+        "allocation_methods": [opts.method] if opts.allocation == "greedy" else [],
+        "transform": opts.transform,
         "calibrated_methods": list(METHODS),
         "source_model": source.description,
         "calibration": {

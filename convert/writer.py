@@ -92,6 +92,18 @@ class ShardWriter:
         self.pending_bytes += nbytes
         self.total += nbytes
 
+    def get(self, name: str) -> torch.Tensor:
+        """A tensor already added (pending, or read back from the shard it was flushed to)."""
+        if name in self.pending:
+            return self.pending[name]
+        for i, keys in enumerate(self.shards):
+            if name in keys:
+                from safetensors import safe_open
+
+                with safe_open(str(self.dir / f"shard-{i:05d}.tmp"), framework="pt") as f:
+                    return f.get_tensor(name)
+        raise KeyError(name)
+
     def _flush(self) -> None:
         path = self.dir / f"shard-{len(self.shards):05d}.tmp"
         save_file(self.pending, str(path), metadata=SAFETENSORS_METADATA)

@@ -81,5 +81,34 @@ def generate(checkpoint, prompt, max_new_tokens, sparsity, method, sample, tempe
     click.echo(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
 
 
+@main.command()
+@click.argument("checkpoint", required=False)
+@click.option("--synthetic", type=click.Choice(["llama3-8b"]), default=None,
+              help="Random-weight model of this shape built on the device, instead of CHECKPOINT.")
+@click.option("--sparsity", type=float, default=0.5, show_default=True, help="Sparsity of the end-to-end decode.")
+@click.option("--tokens", type=int, default=32, show_default=True, help="Decode steps timed per run.")
+@click.option("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads).")
+@click.option("--skip-hf", is_flag=True, help="Skip transformers' static-cache baseline.")
+@click.option("--skip-matrices", is_flag=True, help="Skip the per-matrix table.")
+@dtype_opt
+@device_opt
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+@one_line_errors
+def bench(checkpoint, synthetic, sparsity, tokens, threads, skip_hf, skip_matrices, dtype, device, as_json) -> None:
+    """Sparse vs dense vs ideal time per matrix, and decode tok/s: own dense, own sparse, transformers static."""
+    import torch
+
+    from .bench import run_bench
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not checkpoint and not synthetic:
+        raise click.UsageError("give a CHECKPOINT or --synthetic llama3-8b")
+    result = run_bench(checkpoint, synthetic, device=device, dtype=dtype, sparsity=sparsity, tokens=tokens,
+                       skip_hf=skip_hf, skip_matrices=skip_matrices, log=click.echo)
+    if as_json:
+        click.echo(json.dumps(result))
+
+
 if __name__ == "__main__":
     main()

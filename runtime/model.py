@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wina.archs import LINEARS
+from wina.format import shortcut_key
 
 from .config import DecoderConfig
 from .sparse import SparseLinear, SparseSpec
@@ -68,6 +69,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.arch.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.arch.qk_norm else None
         self.cache: KVCache | None = None
+        self.qkv: nn.Module | None = None  # fused q/k/v fast path (runtime/kernels.py): (x, sparse) -> (q, k, v)
 
     def forward(
         self,
@@ -79,9 +81,16 @@ class Attention(nn.Module):
         sparse: SparseSpec,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q(x, sparse).view(b, t, self.n_heads, self.head_dim)
-        k = self.k(x, sparse).view(b, t, self.n_kv, self.head_dim)
-        v = self.v(x, sparse).view(b, t, self.n_kv, self.head_dim)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x, sparse)
+        else:
+            q = self.q(x, sparse)
+            # A k_proj stored narrowed to its live input columns (svd transform, GQA) reads only that prefix of x.
+            kx = x if self.k.weight.shape[1] == x.shape[-1] else x[..., : self.k.weight.shape[1]]
+            k, v = self.k(kx, sparse), self.v(x, sparse)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv, self.head_dim)
+        v = v.view(b, t, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
@@ -103,8 +112,12 @@ class MLP(nn.Module):
         self.gate = SparseLinear(d, f, bias["gate"], f"{layer}.gate")
         self.up = SparseLinear(d, f, bias["up"], f"{layer}.up")
         self.down = SparseLinear(f, d, bias["down"], f"{layer}.down")
+        self.gate_up: nn.Module | None = None  # fused gate/up fast path (runtime/kernels.py): (x, sparse) -> (g, u)
 
     def forward(self, x: torch.Tensor, sparse: SparseSpec) -> torch.Tensor:
+        if self.gate_up is not None:
+            g, u = self.gate_up(x, sparse)
+            return self.down(F.silu(g) * u, sparse)
         return self.down(F.silu(self.gate(x, sparse)) * self.up(x, sparse), sparse)
 
 
@@ -115,14 +128,22 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer, bias)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, layer, bias)
+        # Residual shortcut rotations [hidden, hidden] (svd transform): x <- x @ S + sublayer(x); None = identity.
+        self.register_parameter("attn_shortcut", None)
+        self.register_parameter("mlp_shortcut", None)
 
     def linears(self) -> dict[str, SparseLinear]:
         a, m = self.attn, self.mlp
         return {"q": a.q, "k": a.k, "v": a.v, "o": a.o, "gate": m.gate, "up": m.up, "down": m.down}
 
     def forward(self, x, cos, sin, pos, mask, sparse: SparseSpec) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, pos, mask, sparse)
-        return x + self.mlp(self.mlp_norm(x), sparse)
+        if self.attn_shortcut is None and self.mlp_shortcut is None:
+            x = x + self.attn(self.attn_norm(x), cos, sin, pos, mask, sparse)
+            return x + self.mlp(self.mlp_norm(x), sparse)
+        res = x if self.attn_shortcut is None else x @ self.attn_shortcut
+        x = res + self.attn(self.attn_norm(x), cos, sin, pos, mask, sparse)
+        res = x if self.mlp_shortcut is None else x @ self.mlp_shortcut
+        return res + self.mlp(self.mlp_norm(x), sparse)
 
 
 class Rotary(nn.Module):
@@ -213,6 +234,12 @@ def block_tensor_names(cfg: DecoderConfig, i: int) -> dict[str, str]:
     for short, key in (arch.qk_norm or {}).items():
         names[f"attn.{short}_norm.weight"] = arch.layer_key(i, key)
     return names
+
+
+def shortcut_tensor_names(cfg: DecoderConfig, i: int) -> dict[str, str]:
+    """Block parameter path -> tensor name of the optional residual shortcut rotations (present only if stored)."""
+    prefix = cfg.arch.layer_prefix.format(i=i)
+    return {f"{kind}_shortcut": shortcut_key(prefix, kind) for kind in ("attn", "mlp")}
 
 
 def global_tensor_names(cfg: DecoderConfig) -> dict[str, str]:

@@ -51,6 +51,8 @@ __all__ = [
     "reference_sparse_gemv",
     "reference_sparse_gemv_segments",
     "pick_config",
+    "stream_config",
+    "set_tuned",
     "DEFAULT_CONFIGS",
 ]
 
@@ -431,7 +433,11 @@ def sparse_gemv_segments(
     else:
         assert out.shape == (B, N) and out.stride(1) == 1
 
-    cfg = dict(config) if config is not None else pick_config(B, K, N, seg_sizes, dev)
+    if config is None:
+        config = TUNED.get((B, K, N, seg_sizes)) or pick_config(B, K, N, seg_sizes, dev)
+    cfg = dict(config)
+    if B == 1 and cfg.get("algo") == "stream":
+        return _stream_gemv(x, w_t, thr, seg_sizes, scales, bias, out, cfg)
     block_n = _fix_block_n(cfg["block_n"], N, seg_sizes)
     block_k = cfg["block_k"]
     use_dot = bool(cfg.get("use_dot", True))
@@ -495,3 +501,187 @@ def sparse_gemv(
         bias=bias, out=out, config=config,
     )
     return y.squeeze(0) if squeeze else y
+
+
+# --------------------------------------------------------------------------------------
+# Two-phase batch-1 path ("stream"): compact the active channels, then stream their rows.
+# --------------------------------------------------------------------------------------
+# Phase 1 (`_compact_kernel`, one program per segment) applies the threshold test once and
+# writes the active channel indices and their fp32 x values into a dense list (+ count).
+# Phase 2 (`_stream_kernel`, grid = column blocks x SPLIT) splits each segment's list
+# evenly over SPLIT programs; a program loads ROWS indices, then a [ROWS, BLOCK_N] tile of
+# exactly those weight rows (no per-row threshold test and no masked-off lanes on the
+# critical path, so every iteration keeps ROWS * BLOCK_N * 2 bytes in flight). Split-K
+# partials are reduced like the main kernel (fp32 atomics + last program writes).
+if HAVE_TRITON:
+
+    @triton.jit
+    def _round_thr(t, x_ptr, HAS_SCALE: tl.constexpr):
+        if not HAS_SCALE:
+            if x_ptr.dtype.element_ty == tl.bfloat16:
+                bits = t.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                t = bits.to(tl.float32, bitcast=True)
+            else:
+                t = t.to(x_ptr.dtype.element_ty).to(tl.float32)
+        return t
+
+    @triton.jit
+    def _compact_kernel(x_ptr, thr_ptr, scale_ptr, idx_ptr, xv_ptr, cnt_ptr, K, NCHUNK,
+                        HAS_SCALE: tl.constexpr, CH: tl.constexpr):
+        # grid (nseg, NCHUNK): chunk c of segment seg compacts channels [c*CH, (c+1)*CH) into its own slots
+        seg = tl.program_id(0)
+        c = tl.program_id(1)
+        t = _round_thr(tl.load(thr_ptr + seg).to(tl.float32), x_ptr, HAS_SCALE)
+        offs = c * CH + tl.arange(0, CH)
+        m = offs < K
+        xv = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            sc = tl.load(scale_ptr + seg * K + offs, mask=m, other=0.0)
+            act = (tl.abs(xv) * sc >= t) & m
+        else:
+            act = (tl.abs(xv) >= t) & m
+        a32 = act.to(tl.int32)
+        pos = c * CH + tl.cumsum(a32, 0) - 1
+        tl.store(idx_ptr + seg * K + pos, offs, mask=act)
+        tl.store(xv_ptr + seg * K + pos, xv, mask=act)
+        tl.store(cnt_ptr + seg * NCHUNK + c + tl.arange(0, 1), tl.sum(a32, 0) + tl.zeros([1], dtype=tl.int32))
+
+    @triton.jit
+    def _stream_kernel(idx_ptr, xv_ptr, cnt_ptr, w_ptr, bias_ptr, blkseg_ptr, out_ptr, ws_ptr, wcnt_ptr,
+                       K, N, stride_wk, NCHUNK, CH,
+                       SPLIT: tl.constexpr, NSEG: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_in = offs_n < N
+        if NSEG > 1:
+            seg = tl.load(blkseg_ptr + pid_n)
+        else:
+            seg = 0
+        M = SPLIT // NCHUNK  # programs per chunk
+        c = pid_k // M
+        sub = pid_k % M
+        cnt = tl.load(cnt_ptr + seg * NCHUNK + c)
+        per = tl.cdiv(tl.cdiv(cnt, M), ROWS) * ROWS
+        lo = c * CH + sub * per
+        hi = c * CH + tl.minimum(sub * per + per, cnt)
+        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        for r in range(lo, hi, ROWS):
+            offs_r = r + tl.arange(0, ROWS)
+            rm = offs_r < hi
+            ii = tl.load(idx_ptr + seg * K + offs_r, mask=rm, other=0).to(tl.int64)
+            xx = tl.load(xv_ptr + seg * K + offs_r, mask=rm, other=0.0)
+            if EVEN_N:
+                wm = rm[:, None]
+            else:
+                wm = rm[:, None] & n_in[None, :]
+            w = tl.load(w_ptr + ii[:, None] * stride_wk + offs_n[None, :], mask=wm, other=0.0)
+            acc += xx[:, None] * w.to(tl.float32)
+        res = tl.sum(acc, axis=0)
+        if SPLIT == 1:
+            if HAS_BIAS:
+                res += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offs_n, res.to(out_ptr.dtype.element_ty), mask=n_in)
+        else:
+            ws = ws_ptr + offs_n
+            tl.atomic_add(ws, res, mask=n_in, sem="relaxed")
+            tl.debug_barrier()
+            c = tl.atomic_add(wcnt_ptr + pid_n, 1, sem="acq_rel")
+            if c == SPLIT - 1:
+                zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+                tot = tl.atomic_add(ws, zero, mask=n_in, sem="relaxed")
+                tl.store(ws, zero, mask=n_in)
+                if HAS_BIAS:
+                    tot += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)
+                tl.store(out_ptr + offs_n, tot.to(out_ptr.dtype.element_ty), mask=n_in)
+                tl.atomic_xchg(wcnt_ptr + pid_n, 0)
+
+
+_LIST_CACHE = {}
+
+
+def _active_lists(device, nseg: int, K: int, nchunk: int = 1):
+    key = (device, nseg, K)
+    t = _LIST_CACHE.get(key)
+    if t is None:
+        t = (torch.zeros(nseg * K, dtype=torch.int32, device=device),
+             torch.zeros(nseg * K, dtype=torch.float32, device=device),
+             torch.zeros(nseg * max(nchunk, 1), dtype=torch.int32, device=device))
+        _LIST_CACHE[key] = t
+    return t
+
+
+def stream_config(K: int, N: int, seg_sizes=None) -> dict:
+    """Default launch config of the two-phase batch-1 path (overridable via `config`)."""
+    block_n = 256 if N >= 8192 else 128
+    nblk = -(-N // block_n)
+    split = max(1, min(max(1, K // 64), 1024 // nblk))
+    return dict(algo="stream", block_n=block_n, rows=32, split=split, num_warps=4, num_stages=2)
+
+
+def _stream_gemv(x, w_t, thr, seg_sizes, scales, bias, out, cfg):
+    B, K = x.shape
+    N = w_t.shape[1]
+    nseg = len(seg_sizes)
+    dev = x.device
+    block_n = _fix_block_n(cfg.get("block_n", 128), N, seg_sizes)
+    rows = cfg.get("rows", 32)
+    split = max(1, int(cfg.get("split", 8)))
+    nblk = triton.cdiv(N, block_n)
+    ch = min(triton.next_power_of_2(K), cfg.get("compact_ch", 1024))
+    nchunk = triton.cdiv(K, ch)
+    split = nchunk * max(1, round(split / nchunk))
+    idx, xv, cnt = _active_lists(dev, nseg, K)
+    if cnt.numel() < nseg * nchunk:
+        _LIST_CACHE.pop((dev, nseg, K))
+        idx, xv, cnt = _active_lists(dev, nseg, K, nchunk)
+    _compact_kernel[(nseg, nchunk)](x, thr, scales if scales is not None else thr, idx, xv, cnt, K, nchunk,
+                                    HAS_SCALE=scales is not None, CH=ch, num_warps=cfg.get("compact_warps", 4))
+    if split > 1:
+        ws, wcnt = _workspace(dev, B, N, nblk)
+    else:
+        ws, wcnt = out, out
+    blkseg = _blkseg(dev, seg_sizes, block_n) if nseg > 1 else thr
+    _stream_kernel[(nblk, split)](
+        idx, xv, cnt, w_t, bias if bias is not None else thr, blkseg, out, ws, wcnt,
+        K, N, w_t.stride(0), nchunk, ch,
+        SPLIT=split, NSEG=nseg, HAS_BIAS=bias is not None, ROWS=rows, BLOCK_N=block_n,
+        EVEN_N=N % block_n == 0, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
+    )
+    return out
+
+
+# Per-shape configs found by a tuning run (benchmarks/gpu_suite.py); consulted by sparse_gemv_segments.
+TUNED: dict = {}
+
+
+def set_tuned(B: int, K: int, N: int, seg_sizes, config: dict) -> None:
+    TUNED[(B, K, N, tuple(seg_sizes))] = dict(config)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, D, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        m = offs < D
+        x = tl.load(x_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32)
+        r = 1.0 / tl.sqrt_rn(tl.sum(x * x, 0) / D + eps)
+        xn = (x * r).to(y_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * D + offs, (w * xn).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """One-launch RMSNorm with the numerics of runtime.model.RMSNorm (fp32 statistics, x.dtype output)."""
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != D):
+        x2 = x2.contiguous()
+    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    _rmsnorm_kernel[(x2.shape[0],)](x2, weight, y, D, float(eps), BLOCK=triton.next_power_of_2(D),
+                                    num_warps=4 if D <= 4096 else 8)
+    return y.view(x.shape)

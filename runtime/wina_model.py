@@ -15,13 +15,25 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from wina.calibration.thresholds import threshold_at
+from wina.calibration.thresholds import threshold_for
 from wina.errors import WinaError
-from wina.format import LEVELS_KEY, METHODS, check_sparsity, col_norm_key, quantiles_key
+from wina.calibration.allocation import matrix_sparsities
+from wina.format import (
+    ALLOCATION_LEVELS_KEY,
+    ALLOCATIONS,
+    LEVELS_KEY,
+    METHODS,
+    SPARSE_LEVELS_KEY,
+    allocation_key,
+    check_sparsity,
+    col_norm_key,
+    quantiles_key,
+    sparse_quantiles_key,
+)
 
 from .checkpoint import open_checkpoint
 from .config import DecoderConfig
-from .model import Decoder, bias_flags, block_tensor_names, global_tensor_names
+from .model import Decoder, bias_flags, block_tensor_names, global_tensor_names, shortcut_tensor_names
 from .sparse import SparseLinear, SparseSpec, SparsityMeter
 
 MODES = ("decode", "paper")
@@ -58,6 +70,11 @@ class WinaModel(nn.Module):
         self.method = config["method"]
         self.sparsity = 0.0
         self.generation_config = None
+        self.table_sparsities = [0.0]  # model sparsity each quantile-table row was measured at (0: dense)
+        # Greedy allocation (format: wina.allocation_levels + per-layer `{method}_allocation` tables), if stored:
+        self.allocation_levels: torch.Tensor | None = None  # block sparsity grid of the tables' rows
+        self.allocations: dict[str, dict[int, torch.Tensor]] = {}  # method -> layer -> [n_levels, 7]
+        self.allocation = "uniform"  # allocation in use
 
     @classmethod
     def from_pretrained(
@@ -90,6 +107,11 @@ class WinaModel(nn.Module):
             _set(decoder, path, nn.Parameter(state[name].to(device, dtype), requires_grad=False))
         if cfg.tie_word_embeddings:
             decoder.lm_head.weight = decoder.embed.weight
+        for i in range(cfg.num_layers):  # residual shortcut rotations, where the checkpoint has them (svd transform)
+            for path, name in shortcut_tensor_names(cfg, i).items():
+                if name in state:
+                    shortcut = nn.Parameter(state[name].to(device, dtype), requires_grad=False)
+                    _set(decoder, f"blocks.{i}.{path}", shortcut)
         decoder.rotary.inv_freq = cfg.inv_freq.to(device)
         quantiles: dict[str, dict[str, torch.Tensor]] = {}
         for lname, lin in decoder.sparse_linears().items():
@@ -98,9 +120,20 @@ class WinaModel(nn.Module):
             lin.col_norm = state[col_norm_key(key)].to(device, torch.float32)
             lin.threshold = torch.zeros((), device=device)
             quantiles[lname] = {m: state[quantiles_key(key, m)] for m in METHODS if quantiles_key(key, m) in state}
+            for m in METHODS:  # sparse-aware tables: rows measured with the model at SPARSE_LEVELS_KEY sparsities
+                if sparse_quantiles_key(key, m) in state:
+                    quantiles[lname][f"{m}_sparse"] = state[sparse_quantiles_key(key, m)]
         from transformers import AutoTokenizer, GenerationConfig
 
         model = cls(decoder, AutoTokenizer.from_pretrained(ckpt.path), ckpt.wina, state[LEVELS_KEY], quantiles, ckpt.path)
+        if SPARSE_LEVELS_KEY in state:
+            model.table_sparsities = [0.0, *state[SPARSE_LEVELS_KEY].tolist()]
+        if ALLOCATION_LEVELS_KEY in state:
+            model.allocation_levels = state[ALLOCATION_LEVELS_KEY]
+            for m in METHODS:
+                keys = [allocation_key(cfg.arch.layer_prefix.format(i=i), m) for i in range(cfg.num_layers)]
+                if all(k in state for k in keys):
+                    model.allocations[m] = {i: state[k] for i, k in enumerate(keys)}
         try:
             model.generation_config = GenerationConfig.from_pretrained(ckpt.path)
         except OSError:
@@ -118,18 +151,40 @@ class WinaModel(nn.Module):
             raise WinaError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         self.mode = mode
 
-    def set_sparsity(self, sparsity: float, method: str | None = None) -> None:
-        """Map a target sparsity to per-matrix thresholds (uniform allocation) for `method`."""
+    def set_sparsity(self, sparsity: float, method: str | None = None, allocation: str | None = None) -> None:
+        """Map a target model sparsity to per-matrix thresholds for `method`.
+
+        `allocation`: "uniform" (every matrix at `sparsity`), "greedy" (every layer at parameter-weighted
+        `sparsity`, split over its matrices by the checkpoint's greedy table for `method`), or None: greedy where
+        the checkpoint has a table for `method`, else uniform.
+        """
         sparsity = check_sparsity(sparsity)
         method = method or self.method
         if method not in METHODS:
             raise WinaError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+        if allocation is None:
+            allocation = "greedy" if method in self.allocations else "uniform"
+        if allocation not in ALLOCATIONS:
+            raise WinaError(f"unknown allocation {allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
+        if allocation == "greedy" and method not in self.allocations:
+            raise WinaError(f"checkpoint has no greedy allocation for {method} (convert with --allocation greedy)")
+        per_layer: dict[int, dict[str, float]] = {}
         for name, lin in self.decoder.sparse_linears().items():
             table = self.quantiles[name].get(method)
             if table is None:
                 raise WinaError(f"checkpoint has no {method} calibration for {name}")
-            lin.set_threshold(threshold_at(self.levels, table, sparsity), use_col_norm=method == "wina")
-        self.method, self.sparsity = method, sparsity
+            s = sparsity
+            if allocation == "greedy":
+                i, short = name.split(".")
+                if int(i) not in per_layer:
+                    per_layer[int(i)] = matrix_sparsities(self.allocations[method][int(i)], self.allocation_levels, s)
+                s = per_layer[int(i)][short]
+            tables = [table]
+            if f"{method}_sparse" in self.quantiles[name]:
+                tables += list(self.quantiles[name][f"{method}_sparse"])
+            t = threshold_for(self.levels, tables, self.table_sparsities[: len(tables)], sparsity, s)
+            lin.set_threshold(t, use_col_norm=method == "wina")
+        self.method, self.sparsity, self.allocation = method, sparsity, allocation
 
     def prefill_spec(self, input_ids: torch.Tensor) -> SparseSpec:
         """Which tokens of a full-sequence forward are sparse under the current mode."""

@@ -1,0 +1,116 @@
+"""Decode loop with a static KV cache; on CUDA each step is one CUDA-graph replay.
+
+`DecodeRunner(decoder, batch, max_len, sparse)` owns static input buffers (token, position) and, on CUDA, a graph
+that runs one decoder step, greedy argmax, and advances the position in place, so consecutive steps need no host
+work besides `replay()`. The same runner with `sparse=None` is the dense baseline. On CPU (or with
+`use_graph=False`) the step runs eagerly with the same buffers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .sparse import SparseSpec
+
+
+class DecodeRunner:
+    def __init__(self, decoder, batch: int, max_len: int, sparse: SparseSpec = True, use_graph: bool | None = None):
+        self.dec = decoder
+        self.sparse = sparse
+        dev = decoder.embed.weight.device
+        self.device = dev
+        self.use_graph = dev.type == "cuda" if use_graph is None else use_graph
+        self.batch, self.max_len = batch, max_len
+        decoder.setup_cache(batch, max_len)
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.logits: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, sparse: SparseSpec = None) -> torch.Tensor:
+        """Run the prompt [batch, t] (dense by default), leave its greedy next token in `tok`; returns it."""
+        t = ids.shape[1]
+        logits = self.dec(ids, pos=torch.arange(t, device=self.device), sparse=sparse)[:, -1]
+        self.tok.copy_(logits.argmax(-1, keepdim=True))
+        self.pos.fill_(t)
+        return self.tok
+
+    def _step(self) -> None:
+        logits = self.dec(self.tok, pos=self.pos, sparse=self.sparse)[:, -1]
+        self.logits = logits
+        self.tok.copy_(logits.argmax(-1, keepdim=True))
+        self.pos.add_(1)
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Warm up (kernels compiled, workspaces allocated) and capture one step; restores tok/pos."""
+        if not self.use_graph or self.graph is not None:
+            return
+        tok0, pos0 = self.tok.clone(), self.pos.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+        self.tok.copy_(tok0)
+        self.pos.copy_(pos0)
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """One decode step from `tok` at `pos`: afterwards `tok` holds the next greedy token. Returns `tok`."""
+        if self.use_graph:
+            self.capture()
+            self.graph.replay()
+        else:
+            self._step()
+        return self.tok
+
+    @torch.no_grad()
+    def decode(self, n: int) -> torch.Tensor:
+        """n greedy steps; returns the tokens [batch, n] (each step's input token first, i.e. tok before step)."""
+        out = torch.empty(self.batch, n, dtype=torch.long, device=self.device)
+        for i in range(n):
+            out[:, i : i + 1].copy_(self.tok)
+            self.step()
+        return out
+
+    def close(self) -> None:
+        self.graph = None
+        self.dec.clear_cache()
+
+
+def _sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+@torch.no_grad()
+def time_decode(decoder, prompt: torch.Tensor, n_tokens: int, sparse: SparseSpec, use_graph: bool | None = None,
+                warmup: int = 3) -> dict:
+    """Tokens/s of greedy decode (after a dense prefill of `prompt`) with the runner. Returns a dict with tok_s,
+    ms_per_token and the generated ids (CPU tensor)."""
+    b, t = prompt.shape
+    r = DecodeRunner(decoder, b, t + n_tokens + warmup + 2, sparse=sparse, use_graph=use_graph)
+    try:
+        r.prefill(prompt)
+        r.capture()
+        tok0, pos0 = r.tok.clone(), r.pos.clone()
+        for _ in range(warmup):
+            r.step()
+        r.tok.copy_(tok0)
+        r.pos.copy_(pos0)
+        _sync(r.device)
+        t0 = time.perf_counter()
+        ids = r.decode(n_tokens)
+        _sync(r.device)
+        dt = time.perf_counter() - t0
+    finally:
+        r.close()
+    return {"tok_s": b * n_tokens / dt, "ms_per_token": dt / n_tokens * 1e3, "ids": ids.cpu()}

@@ -1,0 +1,135 @@
+"""Fast paths (runtime/kernels.py, the two-phase Triton kernel, the decode runner) vs the reference sparse path.
+
+Small random Llama on CPU; Triton kernels under TRITON_INTERPRET=1. GPU timing lives in benchmarks/gpu_suite.py.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+import torch
+
+from wina.runtime import bench as wb
+from wina.runtime.decode import DecodeRunner, time_decode
+from wina.runtime.kernels import FastRMSNorm, FusedSparseLinear, disable_fast_path, enable_fast_path
+
+SMALL = dict(wb.LLAMA3_8B, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=256)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    hf = wb.synthetic_hf(SMALL, "cpu", torch.float32, layers=2)
+    dec = wb.decoder_from_hf(hf)
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    tables = wb.calibrate(dec, ids)
+    wb.set_sparsity(dec, tables, 0.5)
+    return hf, dec, ids
+
+
+def _decode_logits(dec, ids, steps=3):
+    r = DecodeRunner(dec, 1, 40, sparse=True)
+    r.prefill(ids[:, :8])
+    out = []
+    for i in range(steps):
+        r.tok.copy_(ids[:, 8 + i : 9 + i])
+        r.step()
+        out.append(r.logits.clone())
+    r.close()
+    return torch.stack(out)
+
+
+def test_dense_logits_exact_vs_transformers(tiny):
+    hf, dec, ids = tiny
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, dec(ids))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_fast_path_matches_reference(tiny, backend):
+    pytest.importorskip("triton")
+    _, dec, ids = tiny
+    ref = _decode_logits(dec, ids)
+    summary = enable_fast_path(dec, backend=backend, cpu_autotune=False)
+    try:
+        assert summary["sparse_kernels"] > 0
+        if backend == "triton":
+            assert isinstance(dec.blocks[0].attn.qkv, FusedSparseLinear)
+            assert isinstance(dec.blocks[0].attn_norm, FastRMSNorm)
+        y = _decode_logits(dec, ids)
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+        # dense calls never take the fast path: exact
+        with torch.no_grad():
+            d = dec(ids)
+        disable_fast_path(dec)
+        with torch.no_grad():
+            assert torch.allclose(dec(ids), d, rtol=1e-5, atol=1e-5)
+    finally:
+        disable_fast_path(dec)
+    assert dec.blocks[0].attn.qkv is None and dec.blocks[0].attn.q.kernel is None
+
+
+def test_meter_bypasses_fast_path(tiny):
+    """Measured sparsity keeps using the reference path (the kernel hook is skipped while a meter is attached)."""
+    from wina.runtime.sparse import SparsityMeter
+
+    _, dec, ids = tiny
+    enable_fast_path(dec, backend="cpu", cpu_autotune=False)
+    try:
+        meter = SparsityMeter()
+        for lin in dec.sparse_linears().values():
+            lin.meter = meter
+        _decode_logits(dec, ids, steps=1)
+        s = meter.by_matrix()
+        assert len(s) == len(dec.sparse_linears()) and all(0.2 < v < 0.8 for v in s.values())
+    finally:
+        for lin in dec.sparse_linears().values():
+            lin.meter = None
+        disable_fast_path(dec)
+
+
+def test_time_decode_and_matrix_bench(tiny):
+    _, dec, ids = tiny
+    r = time_decode(dec, ids[:, :8], 3, sparse=True)
+    assert r["tok_s"] > 0 and r["ids"].shape == (1, 3)
+    enable_fast_path(dec, backend="cpu", cpu_autotune=False)
+    try:
+        mb = wb.matrix_bench(dec, (0.0, 0.5))
+    finally:
+        disable_fast_path(dec)
+    assert set(mb["matrices"]) == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert mb["layer"]["0.5"]["ideal_us"] == pytest.approx(0.5 * mb["layer"]["0.5"]["dense_us"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seg,ch,split", [((96,), 64, 1), ((64, 32, 32), 64, 3), ((48, 48), 256, 2)])
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_stream_kernel(dtype, seg, ch, split, with_scale):
+    tk = pytest.importorskip("wina.runtime.triton_kernels")
+    g = torch.Generator().manual_seed(len(seg) + split)
+    K, N = 150, sum(seg)
+    x = torch.randn(1, K, generator=g).to(dtype)
+    w = (torch.randn(K, N, generator=g) * 0.1).to(dtype)
+    sc = torch.rand(len(seg), K, generator=g) + 0.5 if with_scale else None
+    thr = torch.tensor([0.5, 0.9, 0.2][: len(seg)])
+    b = torch.randn(N, generator=g).to(dtype)
+    cfg = dict(algo="stream", block_n=32, rows=16, split=split, compact_ch=ch)
+    y = tk.sparse_gemv_segments(x, w, thr, seg, sc, b, config=cfg)
+    ref = tk.reference_sparse_gemv_segments(x.float(), w.float(), thr, seg, sc, b.float())
+    if not with_scale:  # torch rounds the threshold to x.dtype: use the low-precision mask
+        ref = tk.reference_sparse_gemv_segments(x, w.float(), thr, seg, None, b.float()) if dtype == torch.float32 else \
+            torch.cat([torch.where(x.abs() >= t, x, torch.zeros((), dtype=dtype)).float() @ ws.float()
+                       for t, ws in zip(thr, w.split(list(seg), 1))], -1) + b.float()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert (y.float() - ref).abs().max().item() <= tol * (1 + ref.abs().max().item())
+
+
+def test_rms_norm_kernel():
+    tk = pytest.importorskip("wina.runtime.triton_kernels")
+    from wina.runtime.model import RMSNorm
+
+    n = RMSNorm(100, 1e-5)
+    n.weight.data = torch.rand(100) + 0.5
+    x = torch.randn(3, 1, 100)
+    torch.testing.assert_close(tk.rms_norm(x, n.weight, 1e-5), n(x), rtol=1e-5, atol=1e-5)
