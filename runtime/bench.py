@@ -58,24 +58,10 @@ def synthetic_hf(shape: dict, device, dtype, seed: int = 0, layers: int | None =
 def decoder_from_hf(hf) -> nn.Module:
     """This repo's Decoder sharing the weight tensors of a transformers model (no copy)."""
     from .config import DecoderConfig
-    from .model import Decoder, bias_flags, block_tensor_names, global_tensor_names
+    from .model import decoder_from_state
 
-    cfg = DecoderConfig.from_hf(hf.config)
-    state = dict(hf.state_dict())
-    with torch.device("meta"):
-        dec = Decoder(cfg, bias_flags(cfg, state.__contains__))
-    names = dict(global_tensor_names(cfg))
-    for i in range(cfg.num_layers):
-        names.update({f"blocks.{i}.{p}": n for p, n in block_tensor_names(cfg, i).items()})
-    params = dict(dec.named_parameters(remove_duplicate=False))
     w = hf.get_input_embeddings().weight
-    for path, name in names.items():
-        if path in params and name in state:
-            owner, _, leaf = path.rpartition(".")
-            setattr(dec.get_submodule(owner), leaf, nn.Parameter(state[name], requires_grad=False))
-    if cfg.tie_word_embeddings:
-        dec.lm_head.weight = dec.embed.weight
-    dec.rotary.inv_freq = cfg.inv_freq.to(w.device)
+    dec = decoder_from_state(DecoderConfig.from_hf(hf.config), dict(hf.state_dict()), w.device, w.dtype, "model")
     for lin in dec.sparse_linears().values():
         lin.col_norm = lin.weight.float().norm(dim=0)
         lin.threshold = torch.zeros((), device=w.device)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wina.archs import LINEARS
+from wina.errors import WinaError
 from wina.format import shortcut_key
 
 from .config import DecoderConfig
@@ -252,3 +253,34 @@ def global_tensor_names(cfg: DecoderConfig) -> dict[str, str]:
 def bias_flags(cfg: DecoderConfig, has: Callable[[str], bool]) -> dict[str, bool]:
     """Which linears carry a bias, read from the tensors present (layer 0 speaks for all)."""
     return {s: has(cfg.arch.linear_key(0, s) + ".bias") for s in LINEARS}
+
+
+def decoder_from_state(
+    cfg: DecoderConfig, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, where: str
+) -> Decoder:
+    """A Decoder whose parameters are `state`'s Hugging Face-named tensors (no copy when device/dtype match).
+
+    Built on the meta device, so no memory is spent on weights that are replaced right away. `where` names the
+    source in the error for a missing tensor. Buffers (column norms, thresholds) are the caller's to fill.
+    """
+    with torch.device("meta"):
+        decoder = Decoder(cfg, bias_flags(cfg, state.__contains__))
+    names = dict(global_tensor_names(cfg))
+    for i in range(cfg.num_layers):
+        names.update({f"blocks.{i}.{p}": n for p, n in block_tensor_names(cfg, i).items()})
+    params = set(dict(decoder.named_parameters(remove_duplicate=False)))
+    for i in range(cfg.num_layers):  # residual shortcut rotations, only where stored (svd transform)
+        shortcuts = {f"blocks.{i}.{p}": n for p, n in shortcut_tensor_names(cfg, i).items() if n in state}
+        names.update(shortcuts)
+        params.update(shortcuts)
+    for path, name in names.items():
+        if path not in params:
+            continue
+        if name not in state:
+            raise WinaError(f"{where}: tensor {name} is missing")
+        owner, _, leaf = path.rpartition(".")
+        setattr(decoder.get_submodule(owner), leaf, nn.Parameter(state[name].to(device, dtype), requires_grad=False))
+    if cfg.tie_word_embeddings:
+        decoder.lm_head.weight = decoder.embed.weight
+    decoder.rotary.inv_freq = cfg.inv_freq.to(device)
+    return decoder

@@ -33,7 +33,7 @@ from wina.format import (
 
 from .checkpoint import open_checkpoint
 from .config import DecoderConfig
-from .model import Decoder, bias_flags, block_tensor_names, global_tensor_names, shortcut_tensor_names
+from .model import Decoder, decoder_from_state
 from .sparse import SparseLinear, SparseSpec, SparsityMeter
 
 MODES = ("decode", "paper")
@@ -93,26 +93,7 @@ class WinaModel(nn.Module):
         state = ckpt.tensors()
         device = torch.device(device)
         dtype = _dtype(dtype, ckpt.hf_config)
-        with torch.device("meta"):
-            decoder = Decoder(cfg, bias_flags(cfg, state.__contains__))
-        names = dict(global_tensor_names(cfg))
-        for i in range(cfg.num_layers):
-            names.update({f"blocks.{i}.{p}": n for p, n in block_tensor_names(cfg, i).items()})
-        params = dict(decoder.named_parameters(remove_duplicate=False))
-        for path, name in names.items():
-            if path not in params:
-                continue
-            if name not in state:
-                raise WinaError(f"{ckpt.path}: tensor {name} is missing")
-            _set(decoder, path, nn.Parameter(state[name].to(device, dtype), requires_grad=False))
-        if cfg.tie_word_embeddings:
-            decoder.lm_head.weight = decoder.embed.weight
-        for i in range(cfg.num_layers):  # residual shortcut rotations, where the checkpoint has them (svd transform)
-            for path, name in shortcut_tensor_names(cfg, i).items():
-                if name in state:
-                    shortcut = nn.Parameter(state[name].to(device, dtype), requires_grad=False)
-                    _set(decoder, f"blocks.{i}.{path}", shortcut)
-        decoder.rotary.inv_freq = cfg.inv_freq.to(device)
+        decoder = decoder_from_state(cfg, state, device, dtype, str(ckpt.path))
         quantiles: dict[str, dict[str, torch.Tensor]] = {}
         for lname, lin in decoder.sparse_linears().items():
             i, short = lname.split(".")
@@ -219,11 +200,6 @@ class WinaModel(nn.Module):
 
     def sparse_linears(self) -> dict[str, SparseLinear]:
         return self.decoder.sparse_linears()
-
-
-def _set(root: nn.Module, path: str, value: nn.Parameter) -> None:
-    owner, _, leaf = path.rpartition(".")
-    setattr(root.get_submodule(owner) if owner else root, leaf, value)
 
 
 def _dtype(dtype: str | torch.dtype | None, hf_config) -> torch.dtype:
