@@ -37,7 +37,7 @@ demo: setup model
 	$(BIN)/wina eval $(DEMO) --data $(WIKI) --seq-len 2048 --max-windows 4 --mode paper
 
 test: setup model
-	TRITON_INTERPRET=1 WINA_DATA=$(DATA) WINA_GGUF=$(GGUF) $(BIN)/python -m pytest -q tests
+	TRITON_INTERPRET=1 WINA_DATA=$(DATA) WINA_GGUF=$(GGUF) $(BIN)/python -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf out .pytest_cache

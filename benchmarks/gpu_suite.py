@@ -1,8 +1,7 @@
 """The whole GPU suite in one process (one device call, < 10 minutes on an H200):
 
     pip install -q --no-deps --no-build-isolation -e . ; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py
-    (without pip: a folder P with P/wina = wina/* plus links P/wina/{runtime,calibration,convert}, PYTHONPATH=P,
-    run from outside the repo root so the top-level `wina/` folder does not shadow it)
+    (without pip, as on the device machine: `. benchmarks/device_env.sh` first)
 
 1. correctness: the two-phase "stream" kernel and the original kernel vs the fp32 reference on Llama-3-8B shapes
    (bf16, fp16; WINA and TEAL; bias); the fast path (fused q/k/v, gate/up) vs the reference sparse path on a small
@@ -109,8 +108,40 @@ def check_model() -> int:
         bad += not ok
         disable_fast_path(dec)
     del hf, dec
+    bad += check_generate()
     torch.cuda.empty_cache()
     return bad
+
+
+class _Model:
+    """What `runtime.generate.generate` reads of a WinaModel: the decoder, its device, no EOS, dense prefill."""
+
+    def __init__(self, dec):
+        self.decoder, self.device, self.generation_config = dec, dec.embed.weight.device, None
+
+    def prefill_spec(self, ids):
+        return None
+
+
+def check_generate() -> int:
+    """generate() greedy (the CUDA-graph DecodeRunner, fast path on, thresholds 0) == transformers' greedy, fp32."""
+    from wina.runtime.generate import generate
+
+    small = dict(wb.LLAMA3_8B, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=4096)
+    hf = wb.synthetic_hf(small, DEV, torch.float32, layers=2)
+    dec = wb.decoder_from_hf(hf)
+    enable_fast_path(dec)
+    prompt = torch.randint(0, 4096, (1, 12), device=DEV, generator=torch.Generator(DEV).manual_seed(3))
+    with torch.no_grad():
+        want = hf.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = generate(_Model(dec), prompt, max_new_tokens=24, eos_token_id=None)
+    ok = torch.equal(got, want)
+    log(f"generate() greedy on CUDA (graph runner) vs transformers: {'ok' if ok else 'MISMATCH'}")
+    disable_fast_path(dec)
+    del hf, dec
+    torch.cuda.empty_cache()
+    return int(not ok)
 
 
 # ----------------------------------------------------------------------------- 2. tuning

@@ -10,45 +10,62 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 
 import click
 
 import wina
 from wina.runtime.evaluate import perplexity, read_text
+from wina.runtime.wina_model import WinaModel
+
+MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
+HEADER = ("| method | allocation | mode | target | perplexity | measured | " + " | ".join(MATRICES) + " |\n"
+          "|---|---|---|---|---|---|" + "---|" * len(MATRICES))
+
+
+def table_rows(model: WinaModel, text: str, methods: list[str], sparsities: list[float], allocation: str | None,
+               seq_len: int, max_windows: int | None) -> Iterator[tuple[str, dict]]:
+    """(markdown row, JSON record) per (method, sparsity); dense (s = 0) once, under the first method."""
+    for method in methods:
+        for s in sparsities:
+            if s == 0 and method != methods[0]:
+                continue  # dense is the same for every method
+            model.set_sparsity(s, method, allocation)
+            t = time.time()
+            r = perplexity(model, text, seq_len=seq_len, max_windows=max_windows, progress=False)
+            by = r["sparsity_by_matrix"]
+            cells = " | ".join(f"{by.get(k, 0.0):.3f}" for k in MATRICES)
+            name = "dense" if s == 0 else method
+            row = (f"| {name} | {model.allocation} | {model.mode} | {s:.2f} | {r['perplexity']:.3f} | "
+                   f"{r['sparsity']:.3f} | {cells} |  <!-- {time.time() - t:.0f} s -->")
+            yield row, {"method": name, "allocation": model.allocation, "mode": model.mode, "target": s,
+                        "seq_len": seq_len, "max_windows": max_windows, **r}
 
 
 @click.command()
 @click.argument("checkpoint")
 @click.option("--data", required=True)
 @click.option("--seq-len", type=int, default=2048)
-@click.option("--max-windows", type=int, default=16)
+@click.option("--max-windows", type=int, default=16, help="0: the whole text.")
 @click.option("--methods", default="wina,teal")
 @click.option("--sparsities", default="0,0.25,0.4,0.5,0.65")
+@click.option("--allocation", type=click.Choice(["uniform", "greedy"]), default=None,
+              help="Default: greedy where the checkpoint has a table for the method.")
 @click.option("--mode", type=click.Choice(["paper", "decode"]), default="paper")
+@click.option("--device", default="cpu")
 @click.option("--json-out", default=None, help="Append one JSON line per row to this file.")
-def main(checkpoint, data, seq_len, max_windows, methods, sparsities, mode, json_out) -> None:
-    model = wina.load(checkpoint, mode=mode)
-    text = read_text(data)
+def main(checkpoint, data, seq_len, max_windows, methods, sparsities, allocation, mode, device, json_out) -> None:
+    model = wina.load(checkpoint, mode=mode, device=device)
     click.echo(f"{checkpoint}: {model.wina_config.get('transform')} transform, "
-               f"{model.wina_config.get('allocation')} allocation, {mode} mode, "
-               f"{max_windows} windows x {seq_len}")
-    click.echo("| method | target | perplexity | measured | q | k | v | o | gate | up | down |")
-    click.echo("|---|---|---|---|---|---|---|---|---|---|---|")
-    for method in methods.split(","):
-        for s in (float(x) for x in sparsities.split(",")):
-            if s == 0 and method != methods.split(",")[0]:
-                continue  # dense is the same for every method
-            model.set_sparsity(s, method)
-            t = time.time()
-            r = perplexity(model, text, seq_len=seq_len, max_windows=max_windows, progress=False)
-            by = r["sparsity_by_matrix"]
-            cells = " | ".join(f"{by.get(k, 0.0):.3f}" for k in ("q", "k", "v", "o", "gate", "up", "down"))
-            name = "dense" if s == 0 else method
-            click.echo(f"| {name} | {s:.2f} | {r['perplexity']:.3f} | {r['sparsity']:.3f} | {cells} |"
-                       f"  <!-- {time.time() - t:.0f} s -->")
-            if json_out:
-                with open(json_out, "a") as f:
-                    f.write(json.dumps({"checkpoint": str(checkpoint), **r}) + "\n")
+               f"{max_windows or 'all'} windows x {seq_len}")
+    click.echo(HEADER)
+    rows = table_rows(model, read_text(data), methods.split(","), [float(x) for x in sparsities.split(",")],
+                      allocation, seq_len, max_windows or None)
+    for row, record in rows:
+        click.echo(row)
+        if json_out:
+            with open(json_out, "a") as f:
+                f.write(json.dumps({"checkpoint": str(checkpoint), **record}) + "\n")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from wina.runtime.model import (
     global_tensor_names,
     shortcut_tensor_names,
 )
+from wina.runtime.wina_model import paper_mask
 
 from .source import Source, open_source
 from .transform import make_transform
@@ -140,6 +141,9 @@ def _write_checkpoint(source: Source, tokens: torch.Tensor, opts: ConvertOptions
     cos, sin = rotary(torch.arange(tokens.shape[1], device=dev), torch.float32)
 
     levels = sparsity_levels()
+    # One hidden-state stream per (method, sparsity) of the sparse-aware tables, carried from layer to layer.
+    sparse_streams = {(m, g): hidden[:SPARSE_CALIBRATION_SAMPLES].clone()
+                      for m in METHODS for g in SPARSE_CALIBRATION_LEVELS}
     writer.add(LEVELS_KEY, levels)
     writer.add(SPARSE_LEVELS_KEY, torch.tensor(SPARSE_CALIBRATION_LEVELS, dtype=torch.float32))
     for i in tqdm(range(cfg.num_layers), desc="calibrating layers", unit="layer"):
@@ -158,7 +162,6 @@ def _write_checkpoint(source: Source, tokens: torch.Tensor, opts: ConvertOptions
         del tensors
         greedy = opts.allocation == "greedy"
         x_alloc = hidden[: opts.allocation_samples, : opts.allocation_seq_len].clone() if greedy else None
-        x_sparse = hidden[:SPARSE_CALIBRATION_SAMPLES].clone()
         inputs, hidden = _run_block(block, hidden, cos, sin, opts.batch_size)
         gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + i)
         for group, shorts in INPUT_GROUPS.items():
@@ -176,7 +179,8 @@ def _write_checkpoint(source: Source, tokens: torch.Tensor, opts: ConvertOptions
                 writer.add(quantiles_key(key, "teal"), teal[weight.shape[1]].clone())
                 writer.add(quantiles_key(key, "wina"), score_quantiles(x, norms.to(x.device), gen))
         norms = {short: writer.get(col_norm_key(cfg.arch.linear_key(i, short))) for short in block.linears()}
-        for (short, method), table in _sparse_aware_tables(block, x_sparse, cos, sin, norms, levels, gen).items():
+        tables = _sparse_aware_tables(block, sparse_streams, cos, sin, norms, levels, gen)
+        for (short, method), table in tables.items():
             writer.add(sparse_quantiles_key(cfg.arch.linear_key(i, short), method), table)
         if x_alloc is not None:
             _add_allocation(writer, block, x_alloc, cos, sin, levels, cfg, i, opts)
@@ -211,21 +215,23 @@ def _add_allocation(writer, block, x, cos, sin, levels, cfg, i: int, opts: Conve
 @torch.no_grad()
 def _sparse_aware_tables(
     block: Block,
-    x: torch.Tensor,
+    streams: dict[tuple[str, float], torch.Tensor],
     cos: torch.Tensor,
     sin: torch.Tensor,
     norms: dict[str, torch.Tensor],
     levels: torch.Tensor,
     gen: torch.Generator,
 ) -> dict[tuple[str, str], torch.Tensor]:
-    """Quantile tables of every linear's input while the block runs sparse, per (method, uniform sparsity g).
+    """Quantile tables of every linear's input while the model runs sparse, per (method, uniform sparsity g).
 
-    Thresholds calibrated on the dense block drift once the block's earlier matrices drop channels: the down
-    projection reads silu(gate)·up computed from sparse inputs, o reads attention over sparse q/k/v, and measured
-    sparsity overshoots or undershoots the target. Here the block runs on its dense calibration input `x` with
-    every matrix sparse; a pre-hook on each input group tabulates that group's input and sets its thresholds just
-    before it runs, so each table is measured under the sparsity it serves. Only the block's own sparsity is
-    modelled: drift carried across layers was measured to transfer poorly from calibration to evaluation text.
+    Thresholds calibrated on the dense model drift once earlier matrices drop channels: down reads
+    silu(gate)·up computed from sparse inputs, o reads attention over values from a residual stream that every
+    earlier sparse layer perturbed, and measured sparsity overshoots or undershoots the target. Here each
+    (method, g) has its own hidden-state stream that has run through every earlier layer sparse at g
+    (`streams`, updated in place to this block's output); a pre-hook on each input group tabulates that group's
+    input and sets its thresholds just before it runs, so each table is measured in the state it serves.
+    As at run time (dense prefill, or the papers' dense first 1 %), the first tokens of each sequence stay dense
+    and are left out of the tables: most heads attend mostly to them, so o's input depends on them being dense.
     Returns (short name, method) -> [len(levels g), N_LEVELS].
     """
     linears = block.linears()
@@ -234,9 +240,10 @@ def _sparse_aware_tables(
         lin.col_norm = norms[short].to(lin.weight.device)
     pos = torch.arange(cos.shape[0], device=cos.device)
     for method, g in ((m, g) for m in METHODS for g in SPARSE_CALIBRATION_LEVELS):
+        sparse = paper_mask(*streams[(method, g)].shape[:2], cos.device)
 
         def tabulate(module, args, shorts):
-            flat = args[0].reshape(-1, args[0].shape[-1])
+            flat = args[0][sparse]
             for short in shorts:
                 lin = linears[short]
                 xin = flat[:, : lin.weight.shape[1]]  # a narrowed k_proj reads a prefix of its input
@@ -250,7 +257,7 @@ def _sparse_aware_tables(
             for shorts in INPUT_GROUPS.values()
         ]
         try:
-            block(x, cos, sin, pos, None, True)
+            streams[(method, g)] = block(streams[(method, g)], cos, sin, pos, None, sparse)
         finally:
             for h in hooks:
                 h.remove()

@@ -239,6 +239,7 @@ def e2e(dec, prompt, n_tokens: int, hf=None, rounds: int = 2) -> dict:
         ids["sparse"] = r["ids"]
     out = {"dense_tok_s": max(dense), "sparse_tok_s": max(sparse), "dense_runs": dense, "sparse_runs": sparse}
     out["sparse_over_dense"] = out["sparse_tok_s"] / out["dense_tok_s"]
+    out["sparse_over_dense_by_round"] = [s / d for s, d in zip(sparse, dense)]
     if hf is not None:
         out["hf_static_tok_s"] = hf_static_tok_s(hf, prompt, n_tokens)
         out["sparse_over_hf"] = out["sparse_tok_s"] / out["hf_static_tok_s"]
@@ -248,7 +249,7 @@ def e2e(dec, prompt, n_tokens: int, hf=None, rounds: int = 2) -> dict:
 
 # ----------------------------------------------------------------------------------------------- entry
 def run_bench(checkpoint: str | None = None, synthetic: str | None = None, device: str = "cpu", dtype: str = "auto",
-              sparsity: float = 0.5, tokens: int = 32, prompt_len: int = 32, sparsities=SPARSITIES,
+              sparsity: float = 0.5, tokens: int = 32, prompt_len: int = 32, sparsities=SPARSITIES, rounds: int = 2,
               skip_hf: bool = False, skip_matrices: bool = False, layers: int | None = None, log=print) -> dict:
     dev = torch.device(device)
     result: dict = {"device": str(dev), "sparsity": sparsity, "tokens": tokens}
@@ -298,7 +299,7 @@ def run_bench(checkpoint: str | None = None, synthetic: str | None = None, devic
         text = "The history of the city begins in the early middle ages, when a small settlement grew around"
         p = model.tokenizer(text, return_tensors="pt").input_ids[:, :prompt_len]
         prompt = p.to(dev)
-    result.update(e2e(dec, prompt, tokens, hf=None if skip_hf else hf))
+    result.update(e2e(dec, prompt, tokens, hf=None if skip_hf else hf, rounds=rounds))
     log(f"decode: own dense {result['dense_tok_s']:.1f} tok/s, own sparse {result['sparse_tok_s']:.1f} tok/s "
         f"({result['sparse_over_dense']:.2f}x)" + (
             f", transformers static dense {result['hf_static_tok_s']:.1f} tok/s "

@@ -27,7 +27,8 @@ def main() -> None:
 @checkpoint
 @click.option("--data", required=True, type=click.Path(), help="Evaluation text: .txt or .jsonl(.gz) with 'text'.")
 @click.option("--seq-len", type=int, default=2048, show_default=True, help="Window length.")
-@click.option("--max-windows", type=int, default=None, help="Score only the first N windows.")
+@click.option("--max-windows", type=int, default=None, help="Score only N windows (the first N unless --spread).")
+@click.option("--spread", is_flag=True, help="Space the --max-windows windows evenly over the text.")
 @sparsity_opt
 @method_opt
 @click.option("--mode", type=click.Choice(MODES), default="paper", show_default=True, help="Which tokens run sparse.")
@@ -35,12 +36,12 @@ def main() -> None:
 @device_opt
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 @one_line_errors
-def eval_cmd(checkpoint, data, seq_len, max_windows, sparsity, method, mode, dtype, device, as_json) -> None:
+def eval_cmd(checkpoint, data, seq_len, max_windows, spread, sparsity, method, mode, dtype, device, as_json) -> None:
     """Perplexity of DATA and the sparsity actually measured, overall and per matrix type."""
     from .evaluate import perplexity, read_text
 
     model = load(checkpoint, sparsity=sparsity, method=method, mode=mode, device=device, dtype=dtype)
-    result = perplexity(model, read_text(data), seq_len=seq_len, max_windows=max_windows)
+    result = perplexity(model, read_text(data), seq_len=seq_len, max_windows=max_windows, spread=spread)
     result["data"] = str(data)
     click.echo(
         f"{result['method']} target {result['target_sparsity']:.2f} ({result['mode']} mode): "
@@ -88,13 +89,16 @@ def generate(checkpoint, prompt, max_new_tokens, sparsity, method, sample, tempe
 @click.option("--sparsity", type=float, default=0.5, show_default=True, help="Sparsity of the end-to-end decode.")
 @click.option("--tokens", type=int, default=32, show_default=True, help="Decode steps timed per run.")
 @click.option("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads).")
+@click.option("--rounds", type=int, default=3, show_default=True,
+              help="Interleaved dense/sparse decode runs; the best of each is reported.")
 @click.option("--skip-hf", is_flag=True, help="Skip transformers' static-cache baseline.")
 @click.option("--skip-matrices", is_flag=True, help="Skip the per-matrix table.")
 @dtype_opt
 @device_opt
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 @one_line_errors
-def bench(checkpoint, synthetic, sparsity, tokens, threads, skip_hf, skip_matrices, dtype, device, as_json) -> None:
+def bench(checkpoint, synthetic, sparsity, tokens, threads, rounds, skip_hf, skip_matrices, dtype, device,
+          as_json) -> None:
     """Sparse vs dense vs ideal time per matrix, and decode tok/s: own dense, own sparse, transformers static."""
     import torch
 
@@ -105,7 +109,7 @@ def bench(checkpoint, synthetic, sparsity, tokens, threads, skip_hf, skip_matric
     if not checkpoint and not synthetic:
         raise click.UsageError("give a CHECKPOINT or --synthetic llama3-8b")
     result = run_bench(checkpoint, synthetic, device=device, dtype=dtype, sparsity=sparsity, tokens=tokens,
-                       skip_hf=skip_hf, skip_matrices=skip_matrices, log=click.echo)
+                       rounds=rounds, skip_hf=skip_hf, skip_matrices=skip_matrices, log=click.echo)
     if as_json:
         click.echo(json.dumps(result))
 

@@ -57,19 +57,24 @@ def perplexity(
     seq_len: int = 2048,
     max_windows: int | None = None,
     progress: bool = True,
+    spread: bool = False,
 ) -> dict:
-    """Perplexity of `text` under the model's current mode, method and sparsity, with measured sparsity."""
+    """Perplexity of `text` under the model's current mode, method and sparsity, with measured sparsity.
+
+    `max_windows` scores the first N windows, or with `spread` N windows evenly spaced over the text (a slice
+    that samples every part of it: the first windows of WikiText-2 are one article).
+    """
     ids = model.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    n_windows = ids.numel() // seq_len
-    if max_windows is not None:
-        n_windows = min(n_windows, max_windows)
+    total = ids.numel() // seq_len
+    n_windows = total if max_windows is None else min(total, max_windows)
     if n_windows < 1:
         raise WinaError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    starts = [(w * total // n_windows if spread else w) * seq_len for w in range(n_windows)]
     nll, scored = 0.0, 0
     prompt = seq_len // 2
     with model.measure_sparsity() as meter:
-        for w in tqdm(range(n_windows), desc="perplexity", unit="window", disable=not progress):
-            x = ids[w * seq_len : (w + 1) * seq_len][None].to(model.device)
+        for start in tqdm(starts, desc="perplexity", unit="window", disable=not progress):
+            x = ids[start : start + seq_len][None].to(model.device)
             if model.mode == "paper":
                 sparse, first = paper_mask(1, seq_len, x.device), 0
             else:
@@ -85,6 +90,7 @@ def perplexity(
         "nll_per_token": nll / scored,
         "tokens_scored": scored,
         "windows": n_windows,
+        "spread": spread,
         "seq_len": seq_len,
         "mode": model.mode,
         "method": model.method,

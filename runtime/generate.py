@@ -53,6 +53,8 @@ def generate(
         [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
         device=ids.device,
     )
+    if not do_sample:
+        return _greedy(model, ids, max_new_tokens, eos)
     gen = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
     dec.setup_cache(b, t + max_new_tokens)
     try:
@@ -72,3 +74,28 @@ def generate(
         return torch.cat(out, dim=1)
     finally:
         dec.clear_cache()
+
+
+def _greedy(model: WinaModel, ids: torch.Tensor, max_new_tokens: int, eos: torch.Tensor) -> torch.Tensor:
+    """Greedy decoding through the `DecodeRunner`: on CUDA every step is one CUDA-graph replay (fast kernels,
+    argmax and position update captured together), on CPU the same step runs eagerly."""
+    from .decode import DecodeRunner
+
+    b, t = ids.shape
+    runner = DecodeRunner(model.decoder, b, t + max_new_tokens, sparse=True)
+    try:
+        tok = runner.prefill(ids, sparse=model.prefill_spec(ids))
+        out = [ids]
+        done = torch.zeros(b, dtype=torch.bool, device=ids.device)
+        for step in range(max_new_tokens):
+            new = tok[:, 0].clone()
+            if eos.numel():
+                new = torch.where(done, eos[0], new)  # finished rows repeat EOS
+                done |= torch.isin(new, eos)
+            out.append(new[:, None])
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            tok = runner.step()
+        return torch.cat(out, dim=1)
+    finally:
+        runner.close()

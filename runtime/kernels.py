@@ -5,8 +5,9 @@
   channel are one contiguous row, and installs a `kernel` that reads only the rows of active channels;
 - on CUDA, swaps in `FusedSparseLinear` modules for q/k/v and gate/up (one Triton launch for the projections that
   share an input; dense runs keep using the original Hugging Face-layout linears, which stay in place);
-- on CPU, uses `torch.nn.functional.embedding_bag(idx, w_t, per_sample_weights=x[idx], mode='sum')`, which sums the
-  active rows without copying them, with a per-shape dense fallback where a quick timing says sparse loses.
+- on CPU, uses a small C++ op (cpu_kernels.py: threshold test + accumulation of the active rows, threads over the
+  output) or, where it cannot be built, `embedding_bag(idx, w_t, per_sample_weights=x[idx], mode='sum')`, with a
+  per-shape dense fallback where a quick timing says sparse loses.
 
 Every fast path computes what `reference_sparse_linear` specifies (same mask: fp32 score >= threshold); it only
 answers for decode-shaped calls (one or a few token rows, all sparse) and returns None otherwise, so the reference
@@ -82,16 +83,25 @@ class _GpuKernel:
 
 
 class _CpuKernel:
-    """`SparseLinear.kernel` on CPU: embedding_bag over the active rows of the input-major weight (one token)."""
+    """`SparseLinear.kernel` on CPU for one token: the C++ `sparse_matvec` (cpu_kernels.py) over input-major weights,
+    or, where it cannot be built or for fp16/bf16, embedding_bag over the active rows."""
 
     def __init__(self, lin: SparseLinear, use_sparse: bool = True) -> None:
+        from . import cpu_kernels
+
         self.w_t = lin.weight.detach().t().contiguous()
         self.use_sparse = use_sparse
+        self.native = cpu_kernels.load() if lin.weight.dtype == torch.float32 else None
 
     def __call__(self, lin: SparseLinear, x: torch.Tensor, sparse: SparseSpec):
         if not self.use_sparse or x.numel() != x.shape[-1] or not _all_sparse(sparse):
             return None
         xf = x.reshape(-1)
+        if self.native is not None and xf.is_contiguous():
+            from .cpu_kernels import sparse_matvec
+
+            scale = lin.col_norm if lin.use_col_norm else None
+            return sparse_matvec(xf, self.w_t, scale, lin.threshold_value, lin.bias).view(*x.shape[:-1], -1)
         score = xf.float().abs()
         if lin.use_col_norm:
             score = score * lin.col_norm

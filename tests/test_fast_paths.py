@@ -133,3 +133,44 @@ def test_rms_norm_kernel():
     n.weight.data = torch.rand(100) + 0.5
     x = torch.randn(3, 1, 100)
     torch.testing.assert_close(tk.rms_norm(x, n.weight, 1e-5), n(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(576, 1536), (1536, 576), (64, 48)])
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_cpu_sparse_matvec_matches_reference(shape, with_scale):
+    """The C++ op (both thread splits: long and short rows) == the reference: same mask, fp32 sums."""
+    from wina.runtime import cpu_kernels
+    from wina.runtime.sparse import reference_sparse_linear
+
+    assert cpu_kernels.load() is not None, cpu_kernels.failure()
+    k, n = shape
+    g = torch.Generator().manual_seed(k + n)
+    w, x, bias = torch.randn(n, k, generator=g), torch.randn(k, generator=g), torch.randn(n, generator=g)
+    scale = torch.rand(k, generator=g) + 0.5 if with_scale else None
+    t = float(((x.abs() * scale) if with_scale else x.abs()).median())
+    want, keep = reference_sparse_linear(x[None], w, bias, torch.tensor(t), scale, True)
+    assert 0.4 < keep.float().mean() < 0.6
+    for threads in (1, 2):
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            got = cpu_kernels.sparse_matvec(x, w.t().contiguous(), scale, t, bias)
+        finally:
+            torch.set_num_threads(saved)
+        torch.testing.assert_close(got, want[0], rtol=1e-5, atol=1e-4)
+
+
+def test_cpu_embedding_bag_fallback_matches_reference(tiny):
+    """Where the C++ op cannot be built, embedding_bag answers: the same decode logits."""
+    from wina.runtime.kernels import _CpuKernel
+
+    _, dec, ids = tiny
+    ref = _decode_logits(dec, ids)
+    enable_fast_path(dec, backend="cpu", cpu_autotune=False)
+    try:
+        for lin in dec.sparse_linears().values():
+            assert isinstance(lin.kernel, _CpuKernel) and lin.kernel.native is not None
+            lin.kernel.native = None
+        torch.testing.assert_close(_decode_logits(dec, ids), ref, rtol=1e-4, atol=1e-4)
+    finally:
+        disable_fast_path(dec)

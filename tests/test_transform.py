@@ -103,11 +103,11 @@ def test_svd_generation_and_narrowed_k_sparsity(tmp_path, tokenizer_dir, c4_path
 
 
 @pytest.mark.parametrize("transform", ROTATIONS)
-def test_smollm2_dense_logits_unchanged(transform, tmp_path, gguf_path, c4_path, smollm2_hf, wiki_text):
+def test_smollm2_dense_logits_unchanged(transform, tmp_path, smollm2_dir, c4_path, smollm2_hf, wiki_text):
     opts = ConvertOptions(
         calibration_data=str(c4_path), transform=transform, calibration_samples=4, calibration_seq_len=128
     )
-    model = wina.load(convert(str(gguf_path), tmp_path / "ckpt", opts), sparsity=0.0)
+    model = wina.load(convert(str(smollm2_dir), tmp_path / "ckpt", opts), sparsity=0.0)
     ids = model.tokenizer(wiki_text[:4000], return_tensors="pt", add_special_tokens=False).input_ids[:, :128]
     with torch.no_grad():
         want = smollm2_hf(ids).logits
