@@ -64,12 +64,15 @@ def eval_cmd(checkpoint, data, seq_len, max_windows, spread, sparsity, method, m
 @click.option("--top-p", type=float, default=0.9, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--chat/--raw", default=True, show_default=True, help="Wrap PROMPT in the chat template if any.")
+@click.option("--fast/--reference", default=True, show_default=True,
+              help="Fast sparse kernels (Triton on a GPU, C++ on the CPU) or the reference path.")
 @dtype_opt
 @device_opt
 @one_line_errors
-def generate(checkpoint, prompt, max_new_tokens, sparsity, method, sample, temperature, top_p, seed, chat, dtype, device):
+def generate(checkpoint, prompt, max_new_tokens, sparsity, method, sample, temperature, top_p, seed, chat, fast,
+             dtype, device):
     """Continue PROMPT: dense prefill, sparse decode."""
-    model = load(checkpoint, sparsity=sparsity, method=method, mode="decode", device=device, dtype=dtype)
+    model = load(checkpoint, sparsity=sparsity, method=method, mode="decode", device=device, dtype=dtype, fast=fast)
     tok = model.tokenizer
     if chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)

@@ -75,6 +75,7 @@ class WinaModel(nn.Module):
         self.allocation_levels: torch.Tensor | None = None  # block sparsity grid of the tables' rows
         self.allocations: dict[str, dict[int, torch.Tensor]] = {}  # method -> layer -> [n_levels, 7]
         self.allocation = "uniform"  # allocation in use
+        self.fast = False  # fast kernels on sparse decode steps (from_pretrained(fast=True))
 
     @classmethod
     def from_pretrained(
@@ -86,8 +87,13 @@ class WinaModel(nn.Module):
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype | None = None,
         revision: str | None = None,
+        fast: bool = False,
     ) -> "WinaModel":
-        """Load an annotated checkpoint (directory or Hub id) at `sparsity` (default: the checkpoint's)."""
+        """Load an annotated checkpoint (directory or Hub id) at `sparsity` (default: the checkpoint's).
+
+        `fast`: sparse decode steps run the fast kernels (runtime/kernels.py: Triton on a GPU, the C++ op on the
+        CPU) instead of the reference path; full-sequence forwards (prefill, evaluation) are unaffected.
+        """
         ckpt = open_checkpoint(path_or_id, revision)
         cfg = DecoderConfig.from_hf(ckpt.hf_config)
         state = ckpt.tensors()
@@ -120,6 +126,7 @@ class WinaModel(nn.Module):
         except OSError:
             pass
         model.set_mode(mode)
+        model.fast = fast
         model.set_sparsity(ckpt.wina["sparsity"] if sparsity is None else sparsity, method)
         return model.eval()
 
@@ -166,6 +173,10 @@ class WinaModel(nn.Module):
             t = threshold_for(self.levels, tables, self.table_sparsities[: len(tables)], sparsity, s)
             lin.set_threshold(t, use_col_norm=method == "wina")
         self.method, self.sparsity, self.allocation = method, sparsity, allocation
+        if self.fast:  # the fused kernels hold per-method scales and per-shape choices: rebuild them
+            from .kernels import enable_fast_path
+
+            enable_fast_path(self.decoder)
 
     def prefill_spec(self, input_ids: torch.Tensor) -> SparseSpec:
         """Which tokens of a full-sequence forward are sparse under the current mode."""

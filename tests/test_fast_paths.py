@@ -139,9 +139,13 @@ def test_rms_norm_kernel():
 @pytest.mark.parametrize("with_scale", [True, False])
 def test_cpu_sparse_matvec_matches_reference(shape, with_scale):
     """The C++ op (both thread splits: long and short rows) == the reference: same mask, fp32 sums."""
+    import shutil
+
     from wina.runtime import cpu_kernels
     from wina.runtime.sparse import reference_sparse_linear
 
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the embedding_bag fallback runs (tested below)")
     assert cpu_kernels.load() is not None, cpu_kernels.failure()
     k, n = shape
     g = torch.Generator().manual_seed(k + n)
@@ -169,7 +173,7 @@ def test_cpu_embedding_bag_fallback_matches_reference(tiny):
     enable_fast_path(dec, backend="cpu", cpu_autotune=False)
     try:
         for lin in dec.sparse_linears().values():
-            assert isinstance(lin.kernel, _CpuKernel) and lin.kernel.native is not None
+            assert isinstance(lin.kernel, _CpuKernel)
             lin.kernel.native = None
         torch.testing.assert_close(_decode_logits(dec, ids), ref, rtol=1e-4, atol=1e-4)
     finally:
