@@ -4,9 +4,9 @@ Decoding one token on the CPU is bound by memory bandwidth: a dense matvec strea
 that reads just the rows of the active input channels without overheads of its own — `embedding_bag` with
 per-sample weights reads them but runs one bag on one thread, gather + matmul copies them first, and the mask,
 `nonzero` and indexing cost a few dispatches per call (docs/BENCHMARKS.md measures each). `sparse_matvec` does
-the threshold test, the compaction and the accumulation in one call: the output columns are split over the intra-op
-threads (`at::parallel_for`), each thread streams its slice of every active row (input-major weights, four rows at
-a time so several memory streams are in flight) into an accumulator that stays in L1.
+the threshold test, the compaction and the accumulation in one call, over input-major weights, eight active rows at
+a time so that several memory streams are in flight, into an accumulator that stays in L1. The intra-op threads
+(`at::parallel_for`) split the output columns of long rows, or the active rows themselves when rows are short.
 
 The op is compiled on first use with `torch.utils.cpp_extension.load_inline` (needs a C++ compiler and `ninja`;
 the build is cached under `TORCH_EXTENSIONS_DIR`). `load()` returns None when it cannot be built, and the caller
@@ -133,7 +133,7 @@ def failure() -> str | None:
     return _failed
 
 
-_EMPTY = torch.empty(0)
+NONE = torch.empty(0)  # the op's "no scale" (TEAL) / "no bias"
 
 
 def sparse_matvec(x: torch.Tensor, w_t: torch.Tensor, scale: torch.Tensor | None, threshold: float,
@@ -141,5 +141,5 @@ def sparse_matvec(x: torch.Tensor, w_t: torch.Tensor, scale: torch.Tensor | None
     """where(|x| * scale >= threshold, x, 0) @ w_t (+ bias) for one token x [K]; w_t [K, N] fp32 contiguous."""
     mod = load()
     assert mod is not None, failure()
-    return mod.sparse_matvec(x, w_t, _EMPTY if scale is None else scale, float(threshold),
-                             _EMPTY if bias is None else bias)
+    return mod.sparse_matvec(x, w_t, NONE if scale is None else scale, float(threshold),
+                             NONE if bias is None else bias)

@@ -62,10 +62,7 @@ def generate(
         out = [ids]
         done = torch.zeros(b, dtype=torch.bool, device=ids.device)
         for step in range(max_new_tokens):
-            tok = sample(logits, do_sample, temperature, top_k, top_p, gen)
-            if eos.numel():
-                tok = torch.where(done, eos[0], tok)
-                done |= torch.isin(tok, eos)
+            tok = _mark_eos(sample(logits, do_sample, temperature, top_k, top_p, gen), done, eos)
             out.append(tok[:, None])
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
@@ -74,6 +71,14 @@ def generate(
         return torch.cat(out, dim=1)
     finally:
         dec.clear_cache()
+
+
+def _mark_eos(tok: torch.Tensor, done: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """Finished rows repeat EOS; rows that emit an EOS token are marked in `done` (in place)."""
+    if eos.numel():
+        tok = torch.where(done, eos[0], tok)
+        done |= torch.isin(tok, eos)
+    return tok
 
 
 def _greedy(model: WinaModel, ids: torch.Tensor, max_new_tokens: int, eos: torch.Tensor) -> torch.Tensor:
@@ -88,11 +93,7 @@ def _greedy(model: WinaModel, ids: torch.Tensor, max_new_tokens: int, eos: torch
         out = [ids]
         done = torch.zeros(b, dtype=torch.bool, device=ids.device)
         for step in range(max_new_tokens):
-            new = tok[:, 0].clone()
-            if eos.numel():
-                new = torch.where(done, eos[0], new)  # finished rows repeat EOS
-                done |= torch.isin(new, eos)
-            out.append(new[:, None])
+            out.append(_mark_eos(tok[:, 0].clone(), done, eos)[:, None])
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
             tok = runner.step()

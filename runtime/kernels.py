@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
+from .cpu_kernels import NONE
 from .sparse import SparseLinear, SparseSpec
 
 # Largest number of token rows the GPU kernel takes; above it the union of active rows nears dense (see
@@ -87,8 +89,6 @@ class _CpuKernel:
     or, where it cannot be built or for fp16/bf16, embedding_bag over the active rows."""
 
     def __init__(self, lin: SparseLinear, use_sparse: bool = True) -> None:
-        from . import cpu_kernels
-
         self.w_t = lin.weight.detach().t().contiguous()
         self.use_sparse = use_sparse
         self.native = cpu_kernels.load() if lin.weight.dtype == torch.float32 else None
@@ -98,10 +98,9 @@ class _CpuKernel:
             return None
         xf = x.reshape(-1)
         if self.native is not None and xf.is_contiguous():
-            from .cpu_kernels import sparse_matvec
-
-            scale = lin.col_norm if lin.use_col_norm else None
-            return sparse_matvec(xf, self.w_t, scale, lin.threshold_value, lin.bias).view(*x.shape[:-1], -1)
+            scale = lin.col_norm if lin.use_col_norm else NONE
+            bias = NONE if lin.bias is None else lin.bias
+            return self.native.sparse_matvec(xf, self.w_t, scale, lin.threshold_value, bias).view(*x.shape[:-1], -1)
         score = xf.float().abs()
         if lin.use_col_norm:
             score = score * lin.col_norm
