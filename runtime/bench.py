@@ -181,9 +181,10 @@ def matrix_bench(dec, sparsities=SPARSITIES, max_layers: int | None = None) -> d
                         if s > 0 and t <= 0:
                             lin.set_threshold(1e-30, True)
                 sp = True if s > 0 else None
-                if isinstance(mods[0], FusedSparseLinear):
-                    fs = [lambda m=m: m(x, sp) for m in mods]
-                    fd = [lambda m=m: [p(x, None) for p in m.parts] for m in mods]
+                if isinstance(mods[0], FusedSparseLinear):  # as the decode step runs them: one GEMV each way
+                    x2 = x.view(1, -1)
+                    fs = [lambda m=m: m.joint(x2, sp) for m in mods]
+                    fd = [lambda m=m: m.joint(x2, None) for m in mods]
                 else:
                     fs = [lambda m=m: m(x, sp) for m in mods]
                     fd = [lambda m=m: m(x, None) for m in mods]
@@ -205,9 +206,10 @@ def matrix_bench(dec, sparsities=SPARSITIES, max_layers: int | None = None) -> d
 
 
 @torch.no_grad()
-def hf_static_tok_s(hf, prompt: torch.Tensor, n_tokens: int) -> float:
-    """transformers' greedy generate with its static cache (eager: its automatic torch.compile is disabled, since
-    compiling an 8B model would not fit the suite's time), dense: decode tok/s (prefill subtracted)."""
+def hf_static_tok_s(hf, prompt: torch.Tensor, n_tokens: int, compile: bool = False, log=print) -> float:
+    """transformers' greedy generate with its static cache, dense: decode tok/s (prefill subtracted, best of two).
+    `compile=True` keeps generate's automatic torch.compile of the decode step (the fast configuration; the first
+    call compiles, ~1 min for an 8B model on an H200, and is not timed); False runs it eagerly."""
     dev = prompt.device
 
     def run(n):
@@ -215,18 +217,21 @@ def hf_static_tok_s(hf, prompt: torch.Tensor, n_tokens: int) -> float:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static",
-                    pad_token_id=0, disable_compile=True)
+                    pad_token_id=0, disable_compile=not compile)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    run(2)
-    t1 = run(1)
-    tn = run(n_tokens + 1)
+    t_first = run(4)
+    if compile:
+        log(f"transformers static cache: first (compiling) call {t_first:.1f}s")
+        run(4)
+    t1 = min(run(1) for _ in range(2))
+    tn = min(run(n_tokens + 1) for _ in range(2))
     return prompt.shape[0] * n_tokens / max(tn - t1, 1e-9)
 
 
-def e2e(dec, prompt, n_tokens: int, hf=None, rounds: int = 2) -> dict:
+def e2e(dec, prompt, n_tokens: int, hf=None, rounds: int = 2, hf_compile: bool = False, log=print) -> dict:
     """Interleaved dense / sparse decode timing (best of `rounds`), plus HF static-cache dense if given."""
     dense, sparse = [], []
     ids = {}
@@ -241,16 +246,21 @@ def e2e(dec, prompt, n_tokens: int, hf=None, rounds: int = 2) -> dict:
     out["sparse_over_dense"] = out["sparse_tok_s"] / out["dense_tok_s"]
     out["sparse_over_dense_by_round"] = [s / d for s, d in zip(sparse, dense)]
     if hf is not None:
-        out["hf_static_tok_s"] = hf_static_tok_s(hf, prompt, n_tokens)
+        out["hf_static_tok_s"] = hf_static_tok_s(hf, prompt, n_tokens, compile=hf_compile, log=log)
+        out["hf_compiled"] = hf_compile
         out["sparse_over_hf"] = out["sparse_tok_s"] / out["hf_static_tok_s"]
     out["first_tokens"] = {k: v[0, :8].tolist() for k, v in ids.items()}
     return out
 
 
 # ----------------------------------------------------------------------------------------------- entry
+LAST: dict = {}  # the decoder and prompt of the latest run_bench, for follow-up timings in the same process
+
+
 def run_bench(checkpoint: str | None = None, synthetic: str | None = None, device: str = "cpu", dtype: str = "auto",
               sparsity: float = 0.5, tokens: int = 32, prompt_len: int = 32, sparsities=SPARSITIES, rounds: int = 2,
-              skip_hf: bool = False, skip_matrices: bool = False, layers: int | None = None, log=print) -> dict:
+              skip_hf: bool = False, skip_matrices: bool = False, layers: int | None = None, hf_compile: bool = False,
+              log=print) -> dict:
     dev = torch.device(device)
     result: dict = {"device": str(dev), "sparsity": sparsity, "tokens": tokens}
     if dev.type == "cpu":
@@ -299,9 +309,10 @@ def run_bench(checkpoint: str | None = None, synthetic: str | None = None, devic
         text = "The history of the city begins in the early middle ages, when a small settlement grew around"
         p = model.tokenizer(text, return_tensors="pt").input_ids[:, :prompt_len]
         prompt = p.to(dev)
-    result.update(e2e(dec, prompt, tokens, hf=None if skip_hf else hf, rounds=rounds))
+    LAST.update(decoder=dec, prompt=prompt)
+    result.update(e2e(dec, prompt, tokens, hf=None if skip_hf else hf, rounds=rounds, hf_compile=hf_compile, log=log))
     log(f"decode: own dense {result['dense_tok_s']:.1f} tok/s, own sparse {result['sparse_tok_s']:.1f} tok/s "
         f"({result['sparse_over_dense']:.2f}x)" + (
-            f", transformers static dense {result['hf_static_tok_s']:.1f} tok/s "
+            f", transformers static dense{' (compiled)' if hf_compile else ''} {result['hf_static_tok_s']:.1f} tok/s "
             f"(sparse {result['sparse_over_hf']:.2f}x)" if "hf_static_tok_s" in result else ""))
     return result

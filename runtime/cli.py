@@ -95,13 +95,15 @@ def generate(checkpoint, prompt, max_new_tokens, sparsity, method, sample, tempe
 @click.option("--rounds", type=int, default=3, show_default=True,
               help="Interleaved dense/sparse decode runs; the best of each is reported.")
 @click.option("--skip-hf", is_flag=True, help="Skip transformers' static-cache baseline.")
+@click.option("--hf-compile/--hf-eager", default=None,
+              help="transformers baseline with generate's automatic torch.compile (default on CUDA) or eager.")
 @click.option("--skip-matrices", is_flag=True, help="Skip the per-matrix table.")
 @dtype_opt
 @device_opt
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 @one_line_errors
-def bench(checkpoint, synthetic, sparsity, tokens, threads, rounds, skip_hf, skip_matrices, dtype, device,
-          as_json) -> None:
+def bench(checkpoint, synthetic, sparsity, tokens, threads, rounds, skip_hf, hf_compile, skip_matrices, dtype,
+          device, as_json) -> None:
     """Sparse vs dense vs ideal time per matrix, and decode tok/s: own dense, own sparse, transformers static."""
     import torch
 
@@ -112,7 +114,8 @@ def bench(checkpoint, synthetic, sparsity, tokens, threads, rounds, skip_hf, ski
     if not checkpoint and not synthetic:
         raise click.UsageError("give a CHECKPOINT or --synthetic llama3-8b")
     result = run_bench(checkpoint, synthetic, device=device, dtype=dtype, sparsity=sparsity, tokens=tokens,
-                       rounds=rounds, skip_hf=skip_hf, skip_matrices=skip_matrices, log=click.echo)
+                       rounds=rounds, skip_hf=skip_hf, skip_matrices=skip_matrices, log=click.echo,
+                       hf_compile=device.startswith("cuda") if hf_compile is None else hf_compile)
     if as_json:
         click.echo(json.dumps(result))
 

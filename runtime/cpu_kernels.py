@@ -1,4 +1,5 @@
-"""CPU sparse matvec: one C++ op that tests the threshold and accumulates only the active weight rows.
+"""CPU sparse matvec: one C++ op that tests the threshold and accumulates only the active weight rows; and the
+non-linear rest of a decode step (RMSNorm, rope + KV-cache write + attention, silu·mul) as one op each.
 
 Decoding one token on the CPU is bound by memory bandwidth: a dense matvec streams the whole weight. Torch has no op
 that reads just the rows of the active input channels without overheads of its own — `embedding_bag` with
@@ -102,6 +103,93 @@ torch::Tensor sparse_matvec(const torch::Tensor& x, const torch::Tensor& w_t, co
   if (bias.numel()) y.add_(bias);
   return y;
 }
+
+// ---- the rest of one decode step (runtime/kernels.py CpuDecodeStep): one call each instead of ~10 torch ops ----
+
+// weight * (x * rsqrt(mean(x^2) + eps)), fp32 (runtime.model.RMSNorm for float32 models).
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && w.numel() == x.numel(), "rms_norm: x [D] f32");
+  const int64_t D = x.numel();
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float ss = 0.0f;
+  for (int64_t i = 0; i < D; ++i) ss += xp[i] * xp[i];
+  const float r = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+  auto y = torch::empty({D}, x.options());
+  float* yp = y.data_ptr<float>();
+  for (int64_t i = 0; i < D; ++i) yp[i] = wp[i] * (xp[i] * r);
+  return y;
+}
+
+// silu(g) * u for one token (the MLP's down-projection input).
+torch::Tensor glu(const torch::Tensor& g, const torch::Tensor& u) {
+  TORCH_CHECK(g.scalar_type() == at::kFloat && g.is_contiguous() && u.is_contiguous() && g.numel() == u.numel(),
+              "glu: g, u [F] f32");
+  const int64_t F = g.numel();
+  const float* gp = g.data_ptr<float>();
+  const float* up = u.data_ptr<float>();
+  auto y = torch::empty({F}, g.options());
+  float* yp = y.data_ptr<float>();
+  for (int64_t i = 0; i < F; ++i) yp[i] = gp[i] / (1.0f + std::exp(-gp[i])) * up[i];
+  return y;
+}
+
+// out[d] = x[d] * cos[d] + rotate_half(x)[d] * sin[d] (transformers' rope) for one head of hd values.
+static void rope(const float* x, const float* c, const float* s, int64_t hd, float* out) {
+  const int64_t half = hd / 2;
+  for (int64_t d = 0; d < half; ++d) out[d] = x[d] * c[d] + (-x[d + half]) * s[d];
+  for (int64_t d = half; d < hd; ++d) out[d] = x[d] * c[d] + x[d - half] * s[d];
+}
+
+// One query token: rotate q [H*hd] and k [KV*hd] at position pos, write k and v into the caches [1, KV, L, hd]
+// at pos, and return softmax(q K^T / sqrt(hd)) V over cache positions (pos - window, pos] ([H*hd]; window 0: all).
+torch::Tensor rope_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                             const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& pos_t,
+                             const torch::Tensor& kc, const torch::Tensor& vc, int64_t window) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && kc.scalar_type() == at::kFloat && kc.dim() == 4 && kc.size(0) == 1,
+              "rope_attention: f32, caches [1, KV, L, hd]");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && cos.is_contiguous() &&
+              sin.is_contiguous() && kc.is_contiguous() && vc.is_contiguous(), "rope_attention: contiguous inputs");
+  const int64_t KV = kc.size(1), L = kc.size(2), hd = kc.size(3), H = q.numel() / hd, group = H / KV;
+  const int64_t pos = pos_t.item<int64_t>();
+  TORCH_CHECK(pos >= 0 && pos < L, "rope_attention: position outside the cache");
+  const float* c = cos.data_ptr<float>();
+  const float* s = sin.data_ptr<float>();
+  float* kcp = kc.data_ptr<float>();
+  float* vcp = vc.data_ptr<float>();
+  for (int64_t j = 0; j < KV; ++j) {
+    rope(k.data_ptr<float>() + j * hd, c, s, hd, kcp + (j * L + pos) * hd);
+    std::copy(v.data_ptr<float>() + j * hd, v.data_ptr<float>() + (j + 1) * hd, vcp + (j * L + pos) * hd);
+  }
+  const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  auto y = torch::zeros({H * hd}, q.options());
+  float* yp = y.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  at::parallel_for(0, H, (pos - lo) < 512 ? H : 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> qr(hd), p(pos - lo + 1);
+    for (int64_t h = h0; h < h1; ++h) {
+      rope(qp + h * hd, c, s, hd, qr.data());
+      const float* kb = kcp + (h / group) * L * hd;
+      const float* vb = vcp + (h / group) * L * hd;
+      float m = -INFINITY;
+      for (int64_t t = lo; t <= pos; ++t) {
+        float acc = 0.0f;
+        for (int64_t d = 0; d < hd; ++d) acc += qr[d] * kb[t * hd + d];
+        p[t - lo] = acc * scale;
+        m = std::max(m, p[t - lo]);
+      }
+      float sum = 0.0f;
+      for (int64_t t = lo; t <= pos; ++t) sum += (p[t - lo] = std::exp(p[t - lo] - m));
+      float* out = yp + h * hd;
+      for (int64_t t = lo; t <= pos; ++t) {
+        const float a = p[t - lo] / sum;
+        for (int64_t d = 0; d < hd; ++d) out[d] += a * vb[t * hd + d];
+      }
+    }
+  });
+  return y;
+}
 """
 
 _module: ModuleType | None = None
@@ -119,7 +207,7 @@ def load() -> ModuleType | None:
         _module = load_inline(
             name="wina_cpu_sparse",
             cpp_sources=_SOURCE,
-            functions=["sparse_matvec"],
+            functions=["sparse_matvec", "rms_norm", "glu", "rope_attention"],
             extra_cflags=["-O3", "-march=native"],
             verbose=False,
         )

@@ -86,6 +86,26 @@ class DecodeRunner:
         self.dec.clear_cache()
 
 
+@torch.no_grad()
+def teacher_forced_logits(decoder, ids: torch.Tensor, prompt_len: int, sparse: SparseSpec = True,
+                          use_graph: bool | None = None) -> torch.Tensor:
+    """Logits [steps, batch, vocab] of decode steps fed the given tokens: a dense prefill of ids[:, :prompt_len], then
+    one step per remaining token of `ids`. Compares two decode paths on the same inputs (greedy decoding would
+    follow each path's own tokens)."""
+    b, t = ids.shape
+    r = DecodeRunner(decoder, b, t + 2, sparse=sparse, use_graph=use_graph)
+    try:
+        r.prefill(ids[:, :prompt_len])
+        out = []
+        for i in range(prompt_len, t):
+            r.tok.copy_(ids[:, i : i + 1])
+            r.step()
+            out.append(r.logits.clone())
+    finally:
+        r.close()
+    return torch.stack(out)
+
+
 def _sync(dev) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -71,17 +71,21 @@ class _GpuKernel:
     def __init__(self, lin: SparseLinear) -> None:
         self.w_t = lin.weight.detach().t().contiguous()
         self.thr = _Thresholds([lin], lin.weight.device)
-        self.scale_cache: tuple | None = None
 
     def __call__(self, lin: SparseLinear, x: torch.Tensor, sparse: SparseSpec):
-        from . import triton_kernels as tk
-
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] > GPU_MAX_ROWS or not _all_sparse(sparse) or x.dtype != self.w_t.dtype:
             return None
+        return self.run(lin, x2).view(*x.shape[:-1], -1)
+
+    def run(self, lin: SparseLinear, x2: torch.Tensor, residual: torch.Tensor | None = None,
+            glu: bool = False) -> torch.Tensor:
+        """The sparse GEMV of [1, K] x (or [1, 2K] gate|up with `glu`), optionally plus a residual [1, N]."""
+        from . import triton_kernels as tk
+
         scale = lin.col_norm.reshape(1, -1) if lin.use_col_norm else None
-        y = tk.sparse_gemv_segments(x2, self.w_t, self.thr.get(), (self.w_t.shape[1],), scale, lin.bias)
-        return y.view(*x.shape[:-1], -1)
+        return tk.sparse_gemv_segments(x2, self.w_t, self.thr.get(), (self.w_t.shape[1],), scale, lin.bias,
+                                       residual=residual, glu=glu)
 
 
 class _CpuKernel:
@@ -143,6 +147,18 @@ class FusedSparseLinear(nn.Module):
             return tuple(p(x, sparse) for p in self._parts)
         return y.split(self.sizes, -1)
 
+    def joint(self, x2: torch.Tensor, sparse: SparseSpec) -> torch.Tensor:
+        """All parts' outputs side by side, [1, sum(sizes)], for a decode row x2 [1, K]: one sparse kernel, or
+        (dense) one GEMV over the concatenated input-major weights."""
+        y = self._fast(x2, sparse)
+        if y is not None:
+            return y
+        if sparse and any(p.active for p in self._parts):  # sparse, but the kernel declined: the reference parts
+            return torch.cat([p(x2, sparse) for p in self._parts], -1)
+        if self.bias is None:
+            return x2 @ self.w_t
+        return torch.addmm(self.bias, x2, self.w_t)
+
     def _fast(self, x: torch.Tensor, sparse: SparseSpec) -> torch.Tensor | None:
         from . import triton_kernels as tk
 
@@ -172,6 +188,110 @@ class FastRMSNorm(nn.Module):
         return tk.rms_norm(x, self.weight, self.eps)
 
 
+# Longest KV cache the fused GPU decode step takes: its attention kernel runs one program per query head over the
+# whole context (no split over positions), fine for short and medium contexts; longer caches keep SDPA.
+FUSED_DECODE_MAX_CACHE = 4096
+
+
+class _DecodeStep:
+    """A whole decoder block for one decode token (batch 1, static KV cache), installed as `Block.decode_step` by
+    `enable_fast_path`. It answers None for any other call (prefill, batches, paper-mode masks, metered runs), which
+    then takes the block's plain path."""
+
+    def __init__(self, blk: nn.Module) -> None:
+        self.blk = blk
+
+    @staticmethod
+    def supports(blk: nn.Module) -> bool:
+        """Llama-like blocks: no q/k norms, no residual shortcut rotations, k/v read the whole hidden state."""
+        a = blk.attn
+        return (a.q_norm is None and blk.attn_shortcut is None and blk.mlp_shortcut is None
+                and a.k.weight.shape[1] == a.q.weight.shape[1] == a.v.weight.shape[1])
+
+    def accepts(self, x: torch.Tensor, pos: torch.Tensor, sparse: SparseSpec) -> bool:
+        a = self.blk.attn
+        return (x.shape[0] == 1 and x.shape[1] == 1 and a.cache is not None and pos.numel() == 1
+                and (sparse is None or isinstance(sparse, bool))
+                and all(lin.meter is None for lin in self.blk.linears().values()))
+
+
+class FusedDecodeStep(_DecodeStep):
+    """CUDA: the block in nine launches — RMSNorm, q/k/v (one GEMV), rope + cache write, attention, o + residual,
+    RMSNorm, gate/up (one GEMV), silu·mul + down + residual. Sparse runs use the Triton kernels (silu·mul and the
+    residual adds fused into the GEMVs); dense runs use cuBLAS GEMVs over the same input-major weights, so both sides
+    of a benchmark share the non-linear kernels."""
+
+    @staticmethod
+    def supports(blk: nn.Module) -> bool:
+        hd = blk.attn.head_dim
+        return (_DecodeStep.supports(blk) and blk.attn.qkv is not None and blk.mlp.gate_up is not None
+                and hd & (hd - 1) == 0)
+
+    def __call__(self, x, cos, sin, pos, sparse: SparseSpec) -> torch.Tensor | None:
+        from . import triton_decode as td
+        from . import triton_kernels as tk
+
+        blk = self.blk
+        a, m = blk.attn, blk.mlp
+        if (not self.accepts(x, pos, sparse) or not (x.is_cuda or tk._interpreting())
+                or a.cache.k.shape[2] > FUSED_DECODE_MAX_CACHE):
+            return None
+        sparse = sparse or None
+        x1 = x.reshape(1, -1)
+        h = tk.rms_norm(x1, blk.attn_norm.weight, blk.attn_norm.eps)
+        q, k, v = a.qkv.joint(h, sparse).split(a.qkv.sizes, -1)
+        q = td.rope_cache(q, k, v, cos, sin, pos, a.cache.k, a.cache.v)
+        y = td.decode_attention(q, a.cache.k, a.cache.v, pos, a.window).view(1, -1)
+        x1 = _linear_residual(a.o, y, x1, sparse)
+        h = tk.rms_norm(x1, blk.mlp_norm.weight, blk.mlp_norm.eps)
+        gu = m.gate_up.joint(h, sparse)
+        x1 = _linear_residual(m.down, gu, x1, sparse, glu=True)
+        return x1.view(x.shape)
+
+
+class CpuDecodeStep(_DecodeStep):
+    """CPU, float32: RMSNorm, rope + cache write + attention and silu·mul as one C++ op each (cpu_kernels.py), the
+    seven linears through their `SparseLinear` (the C++ sparse matvec when sparse, MKL when dense): about 13 calls
+    per block instead of ~40 torch ops, whose dispatch cost is shared by dense and sparse runs."""
+
+    def __init__(self, blk: nn.Module, ops) -> None:
+        super().__init__(blk)
+        self.ops = ops
+
+    def __call__(self, x, cos, sin, pos, sparse: SparseSpec) -> torch.Tensor | None:
+        blk = self.blk
+        a, m = blk.attn, blk.mlp
+        if not self.accepts(x, pos, sparse) or x.dtype != torch.float32 or x.is_cuda:
+            return None
+        sparse = sparse or None
+        ops = self.ops
+        x1 = x.reshape(-1)
+        h = ops.rms_norm(x1, blk.attn_norm.weight, blk.attn_norm.eps)
+        y = ops.rope_attention(a.q(h, sparse), a.k(h, sparse), a.v(h, sparse), cos, sin, pos, a.cache.k,
+                               a.cache.v, a.window or 0)
+        x1 = x1 + a.o(y, sparse)
+        h = ops.rms_norm(x1, blk.mlp_norm.weight, blk.mlp_norm.eps)
+        x1 = x1 + m.down(ops.glu(m.gate(h, sparse), m.up(h, sparse)), sparse)
+        return x1.view(x.shape)
+
+
+def _linear_residual(lin: SparseLinear, x2: torch.Tensor, residual: torch.Tensor, sparse: SparseSpec,
+                     glu: bool = False) -> torch.Tensor:
+    """residual + lin(x2) for one decode row (x2 = [gate | up] with `glu`): the sparse kernel with both fused, or
+    cuBLAS addmm (dense)."""
+    if sparse and lin.active and isinstance(lin.kernel, _GpuKernel):
+        return lin.kernel.run(lin, x2, residual=residual, glu=glu)
+    if glu:
+        from . import triton_decode as td
+
+        x2 = td.glu(x2).view(1, -1)
+    if sparse and lin.active:  # no kernel for this one: the reference path
+        return residual + lin(x2, sparse)
+    if lin.bias is not None:
+        return residual + F.linear(x2, lin.weight, lin.bias)
+    return torch.addmm(residual, x2, lin.weight.t())
+
+
 def _norm_owners(decoder: nn.Module):
     for blk in decoder.blocks:
         yield blk, "attn_norm"
@@ -192,6 +312,7 @@ def _time(fn, reps: int = 15) -> float:
 
 def _cpu_prefers_sparse(lin: SparseLinear, kern: _CpuKernel) -> bool:
     """Time one token through the sparse path and the reference (masked dense) path; keep the faster."""
+    kern.use_sparse = True
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 1, lin.in_features, generator=g).to(lin.weight.dtype)
     if lin.use_col_norm:  # put the activations where the threshold keeps about the calibrated fraction
@@ -210,12 +331,15 @@ def _cpu_prefers_sparse(lin: SparseLinear, kern: _CpuKernel) -> bool:
 
 
 def enable_fast_path(decoder: nn.Module, fuse: bool | None = None, cpu_autotune: bool = True,
-                     backend: str | None = None) -> dict:
+                     backend: str | None = None, decode_step: bool = True) -> dict:
     """Install the fast sparse paths on `decoder` (a `runtime.model.Decoder`, or anything with `.blocks`).
 
     `backend`: 'triton' (default on CUDA; on CPU only under TRITON_INTERPRET=1, for tests) or 'cpu' (default on CPU).
-    Returns a summary {'device', 'fused', 'sparse_kernels', 'dense_fallback'}. Safe to call again after
-    `set_sparsity` (thresholds are read live); call again after moving the model to another device.
+    `decode_step`: also run whole blocks of decode steps through `FusedDecodeStep` (CUDA) or `CpuDecodeStep` (CPU,
+    float32), for Llama-like blocks.
+    Returns a summary {'device', 'fused', 'sparse_kernels', 'dense_fallback', 'decode_steps', 'cpu_choice'}. After
+    `set_sparsity`, `refresh_fast_path` updates what depends on thresholds and method; call this again after moving
+    the model to another device.
     """
     disable_fast_path(decoder)
     dev = next(decoder.parameters()).device
@@ -231,6 +355,7 @@ def enable_fast_path(decoder: nn.Module, fuse: bool | None = None, cpu_autotune:
     if cuda and fuse:
         for owner, attr in _norm_owners(decoder):
             setattr(owner, attr, FastRMSNorm(getattr(owner, attr)))
+    summary["decode_steps"] = 0
     for blk in decoder.blocks:
         a, m = blk.attn, blk.mlp
         if fuse and a.k.weight.shape[1] == a.q.weight.shape[1] == a.v.weight.shape[1]:
@@ -238,23 +363,50 @@ def enable_fast_path(decoder: nn.Module, fuse: bool | None = None, cpu_autotune:
             m.gate_up = FusedSparseLinear([m.gate, m.up])
             summary["fused"] += 2
             singles = [a.o, m.down]
+            if cuda and decode_step and FusedDecodeStep.supports(blk):
+                blk.decode_step = FusedDecodeStep(blk)
+                summary["decode_steps"] += 1
         else:
             singles = [a.q, a.k, a.v, a.o, m.gate, m.up, m.down]
+            cpu_ops = cpu_kernels.load() if not cuda and decode_step else None
+            if cpu_ops is not None and blk.attn.q.weight.dtype == torch.float32 and CpuDecodeStep.supports(blk):
+                blk.decode_step = CpuDecodeStep(blk, cpu_ops)
+                summary["decode_steps"] += 1
         for lin in singles:
             if cuda:
                 lin.kernel = _GpuKernel(lin)
                 summary["sparse_kernels"] += 1
                 continue
-            kern = _CpuKernel(lin)
-            key = (lin.in_features, lin.out_features, lin.weight.dtype)
-            if cpu_autotune and lin.active:
-                if key not in shape_choice:
-                    shape_choice[key] = _cpu_prefers_sparse(lin, kern)
-                kern.use_sparse = shape_choice[key]
-            lin.kernel = kern
-            summary["sparse_kernels" if kern.use_sparse else "dense_fallback"] += 1
+            lin.kernel = _CpuKernel(lin)
+            if cpu_autotune:
+                _choose_cpu_path(lin, shape_choice)
+            summary["sparse_kernels" if lin.kernel.use_sparse else "dense_fallback"] += 1
     summary["cpu_choice"] = {f"{k[0]}x{k[1]}": ("sparse" if v else "dense") for k, v in shape_choice.items()}
     return summary
+
+
+def _choose_cpu_path(lin: SparseLinear, shape_choice: dict[tuple, bool]) -> None:
+    """Sparse op or masked dense for this linear's CPU kernel, timed once per shape at the current thresholds."""
+    if not lin.active:
+        return
+    key = (lin.in_features, lin.out_features, lin.weight.dtype)
+    if key not in shape_choice:
+        shape_choice[key] = _cpu_prefers_sparse(lin, lin.kernel)
+    lin.kernel.use_sparse = shape_choice[key]
+
+
+def refresh_fast_path(decoder: nn.Module, cpu_autotune: bool = True) -> None:
+    """After `set_sparsity`: recompute what depends on the thresholds and the method — the fused kernels' per-part
+    WINA scales (None for TEAL) and the CPU per-shape sparse-or-dense choice — keeping the input-major weights
+    (rebuilding those would copy every weight again). Thresholds themselves are read live."""
+    shape_choice: dict[tuple, bool] = {}
+    for blk in decoder.blocks:
+        for fused in (blk.attn.qkv, blk.mlp.gate_up):
+            if isinstance(fused, FusedSparseLinear):
+                fused._scales = _scales(list(fused.parts))
+        for lin in blk.linears().values():
+            if isinstance(lin.kernel, _CpuKernel) and cpu_autotune:
+                _choose_cpu_path(lin, shape_choice)
 
 
 def disable_fast_path(decoder: nn.Module) -> None:
@@ -265,5 +417,6 @@ def disable_fast_path(decoder: nn.Module) -> None:
     for blk in decoder.blocks:
         blk.attn.qkv = None
         blk.mlp.gate_up = None
+        blk.decode_step = None
         for lin in blk.linears().values():
             lin.kernel = None

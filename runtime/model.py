@@ -132,12 +132,18 @@ class Block(nn.Module):
         # Residual shortcut rotations [hidden, hidden] (svd transform): x <- x @ S + sublayer(x); None = identity.
         self.register_parameter("attn_shortcut", None)
         self.register_parameter("mlp_shortcut", None)
+        # Whole-block decode fast path (runtime/kernels.py `FusedDecodeStep`): returns None for calls it does not take.
+        self.decode_step: Callable | None = None
 
     def linears(self) -> dict[str, SparseLinear]:
         a, m = self.attn, self.mlp
         return {"q": a.q, "k": a.k, "v": a.v, "o": a.o, "gate": m.gate, "up": m.up, "down": m.down}
 
     def forward(self, x, cos, sin, pos, mask, sparse: SparseSpec) -> torch.Tensor:
+        if self.decode_step is not None:
+            y = self.decode_step(x, cos, sin, pos, sparse)
+            if y is not None:
+                return y
         if self.attn_shortcut is None and self.mlp_shortcut is None:
             x = x + self.attn(self.attn_norm(x), cos, sin, pos, mask, sparse)
             return x + self.mlp(self.mlp_norm(x), sparse)

@@ -126,8 +126,12 @@ class WinaModel(nn.Module):
         except OSError:
             pass
         model.set_mode(mode)
-        model.fast = fast
         model.set_sparsity(ckpt.wina["sparsity"] if sparsity is None else sparsity, method)
+        if fast:
+            from .kernels import enable_fast_path
+
+            enable_fast_path(model.decoder)
+            model.fast = True
         return model.eval()
 
     @property
@@ -173,10 +177,10 @@ class WinaModel(nn.Module):
             t = threshold_for(self.levels, tables, self.table_sparsities[: len(tables)], sparsity, s)
             lin.set_threshold(t, use_col_norm=method == "wina")
         self.method, self.sparsity, self.allocation = method, sparsity, allocation
-        if self.fast:  # the fused kernels hold per-method scales and per-shape choices: rebuild them
-            from .kernels import enable_fast_path
+        if self.fast:  # the fused kernels hold per-method scales, the CPU kernels per-shape choices
+            from .kernels import refresh_fast_path
 
-            enable_fast_path(self.decoder)
+            refresh_fast_path(self.decoder)
 
     def prefill_spec(self, input_ids: torch.Tensor) -> SparseSpec:
         """Which tokens of a full-sequence forward are sparse under the current mode."""

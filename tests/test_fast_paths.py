@@ -11,8 +11,15 @@ import pytest
 import torch
 
 from wina.runtime import bench as wb
-from wina.runtime.decode import DecodeRunner, time_decode
-from wina.runtime.kernels import FastRMSNorm, FusedSparseLinear, disable_fast_path, enable_fast_path
+from wina.runtime import cpu_kernels
+from wina.runtime.decode import teacher_forced_logits, time_decode
+from wina.runtime.kernels import (
+    FastRMSNorm,
+    FusedSparseLinear,
+    disable_fast_path,
+    enable_fast_path,
+    refresh_fast_path,
+)
 
 SMALL = dict(wb.LLAMA3_8B, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=256)
@@ -29,15 +36,7 @@ def tiny():
 
 
 def _decode_logits(dec, ids, steps=3):
-    r = DecodeRunner(dec, 1, 40, sparse=True)
-    r.prefill(ids[:, :8])
-    out = []
-    for i in range(steps):
-        r.tok.copy_(ids[:, 8 + i : 9 + i])
-        r.step()
-        out.append(r.logits.clone())
-    r.close()
-    return torch.stack(out)
+    return teacher_forced_logits(dec, ids[:, : 8 + steps], 8)
 
 
 def test_dense_logits_exact_vs_transformers(tiny):
@@ -54,6 +53,8 @@ def test_fast_path_matches_reference(tiny, backend):
     summary = enable_fast_path(dec, backend=backend, cpu_autotune=False)
     try:
         assert summary["sparse_kernels"] > 0
+        # whole decode blocks: the Triton one always, the CPU one where its C++ ops build
+        assert summary["decode_steps"] == (2 if backend == "triton" or cpu_kernels.load() is not None else 0)
         if backend == "triton":
             assert isinstance(dec.blocks[0].attn.qkv, FusedSparseLinear)
             assert isinstance(dec.blocks[0].attn_norm, FastRMSNorm)
@@ -68,6 +69,31 @@ def test_fast_path_matches_reference(tiny, backend):
     finally:
         disable_fast_path(dec)
     assert dec.blocks[0].attn.qkv is None and dec.blocks[0].attn.q.kernel is None
+
+
+def test_refresh_after_method_change(tiny):
+    """refresh_fast_path (what WinaModel.set_sparsity calls) keeps the input-major weights and updates the fused
+    kernels' scales: after WINA -> TEAL the fast decode equals the reference decode at the TEAL thresholds."""
+    pytest.importorskip("triton")
+    _, dec, ids = tiny
+    saved = {n: (lin.threshold_value, lin.use_col_norm) for n, lin in dec.sparse_linears().items()}
+    try:
+        wb.set_sparsity(dec, wb.calibrate(dec, ids, method="teal"), 0.5, method="teal")
+        ref = _decode_logits(dec, ids)
+        for n, lin in dec.sparse_linears().items():
+            lin.set_threshold(*saved[n])
+        enable_fast_path(dec, backend="triton", cpu_autotune=False)
+        qkv = dec.blocks[0].attn.qkv
+        w_t = qkv.w_t
+        assert qkv._scales is not None  # WINA
+        wb.set_sparsity(dec, wb.calibrate(dec, ids, method="teal"), 0.5, method="teal")
+        refresh_fast_path(dec)
+        assert qkv._scales is None and dec.blocks[0].attn.qkv is qkv and qkv.w_t is w_t
+        torch.testing.assert_close(_decode_logits(dec, ids), ref, rtol=1e-4, atol=1e-4)
+    finally:
+        disable_fast_path(dec)
+        for n, lin in dec.sparse_linears().items():
+            lin.set_threshold(*saved[n])
 
 
 def test_meter_bypasses_fast_path(tiny):
@@ -178,3 +204,42 @@ def test_cpu_embedding_bag_fallback_matches_reference(tiny):
         torch.testing.assert_close(_decode_logits(dec, ids), ref, rtol=1e-4, atol=1e-4)
     finally:
         disable_fast_path(dec)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("pos", [0, 9, 600])
+def test_cpu_decode_ops_match_torch(window, pos):
+    """The C++ ops of CpuDecodeStep vs runtime/model.py's torch code: RMSNorm, silu·mul, and rope + cache write +
+    attention (GQA, sliding window; 600 positions take the multi-threaded path)."""
+    import torch.nn.functional as F
+
+    from wina.runtime.model import RMSNorm, apply_rope
+
+    ops = cpu_kernels.load()
+    if ops is None:
+        pytest.skip(f"C++ ops not built: {cpu_kernels.failure()}")
+    g = torch.Generator().manual_seed(pos + window)
+    n = RMSNorm(48, 1e-5)
+    n.weight.data = torch.rand(48, generator=g) + 0.5
+    x = torch.randn(48, generator=g) * 3
+    torch.testing.assert_close(ops.rms_norm(x, n.weight, 1e-5), n(x), rtol=1e-5, atol=1e-6)
+    gu = torch.randn(2, 200, generator=g) * 3
+    torch.testing.assert_close(ops.glu(gu[0], gu[1]), F.silu(gu[0]) * gu[1], rtol=1e-5, atol=1e-6)
+
+    H, KV, HD, L = 6, 2, 16, 640
+    q, k, v = torch.randn(H * HD, generator=g), torch.randn(KV * HD, generator=g), torch.randn(KV * HD, generator=g)
+    ang = torch.rand(HD // 2, generator=g) * 6
+    cos = torch.cat([ang.cos(), ang.cos()]).view(1, HD)
+    sin = torch.cat([ang.sin(), ang.sin()]).view(1, HD)
+    kc, vc = torch.randn(1, KV, L, HD, generator=g), torch.randn(1, KV, L, HD, generator=g)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    y = ops.rope_attention(q, k, v, cos, sin, torch.tensor([pos]), kc, vc, window)
+    kc_ref[0, :, pos] = apply_rope(k.view(KV, HD), cos, sin)
+    vc_ref[0, :, pos] = v.view(KV, HD)
+    torch.testing.assert_close(kc, kc_ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(vc, vc_ref)
+    j = torch.arange(L)
+    allowed = (j <= pos) & ((j > pos - window) if window else True)
+    qr = apply_rope(q.view(H, HD), cos, sin).view(1, H, 1, HD)
+    want = F.scaled_dot_product_attention(qr, kc_ref, vc_ref, attn_mask=allowed.view(1, 1, 1, L), enable_gqa=True)
+    torch.testing.assert_close(y.view(H, HD), want.view(H, HD), rtol=1e-5, atol=1e-5)

@@ -130,7 +130,7 @@ def test_transformers_still_loads_the_annotated_checkpoint(smollm2_ckpt, smollm2
 
 def test_fast_path_matches_reference(smollm2_ckpt, wiki_ids):
     """wina.load(fast=True): every sparse linear's fast CPU op gives the reference output at the checkpoint's real
-    thresholds, also after a method change (the kernels are rebuilt), and generate() runs through it. Whole decode
+    thresholds, also after a method change (the kernels are refreshed), and generate() runs through it. Whole decode
     runs are not compared exactly: a channel whose score sits at a threshold flips on a last-bit difference of
     summation order and the two paths then drift apart (measured: TEAL, step 6, one channel of layer 2's v)."""
     from wina.runtime.sparse import reference_sparse_linear
@@ -150,3 +150,23 @@ def test_fast_path_matches_reference(smollm2_ckpt, wiki_ids):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{method} {name}")
         out = fast.generate(wiki_ids[:, :32], max_new_tokens=4, eos_token_id=None)
         assert out.shape == (1, 36) and torch.equal(out[:, :32], wiki_ids[:, :32])
+
+
+def test_cpu_decode_step_matches_plain_path(smollm2_ckpt, wiki_ids):
+    """On the CPU, wina.load(fast=True) runs decode tokens through CpuDecodeStep (C++ RMSNorm, rope + cache write +
+    attention, silu·mul): dense decode logits of the real model equal the plain block path's to float32 rounding.
+    (Sparse whole-decode runs are not compared: threshold flips, see test_fast_path_matches_reference.)"""
+    from wina.runtime import cpu_kernels
+    from wina.runtime.decode import teacher_forced_logits
+    from wina.runtime.kernels import CpuDecodeStep
+
+    if cpu_kernels.load() is None:
+        pytest.skip(f"C++ ops not built: {cpu_kernels.failure()}")
+    dec = wina.load(smollm2_ckpt, sparsity=0.5, fast=True).decoder
+    assert all(isinstance(blk.decode_step, CpuDecodeStep) for blk in dec.blocks)
+
+    got = teacher_forced_logits(dec, wiki_ids[:, :40], 32, sparse=None)
+    for blk in dec.blocks:
+        blk.decode_step = None
+    want = teacher_forced_logits(dec, wiki_ids[:, :40], 32, sparse=None)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
