@@ -392,7 +392,8 @@ def pdl_args(device) -> dict:
         return {}
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _PDL_OK:
-        _PDL_OK[idx] = torch.cuda.get_device_capability(idx)[0] >= 9 and hasattr(tl.extra.cuda, "gdc_wait")
+        cuda_ext = getattr(getattr(tl, "extra", None), "cuda", None)  # gdc_* (seen in triton 3.6 and 3.9)
+        _PDL_OK[idx] = torch.cuda.get_device_capability(idx)[0] >= 9 and hasattr(cuda_ext, "gdc_wait")
     return {"USE_PDL": True, "launch_pdl": True} if _PDL_OK[idx] else {}
 
 
