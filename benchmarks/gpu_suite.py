@@ -260,16 +260,8 @@ def main():
         res["model_mismatches"] = check_model()
     res["tune"] = tune(args.tune_budget)
     bench = wb.run_bench(synthetic="llama3-8b", device=DEV, dtype="bfloat16", sparsity=0.5, tokens=args.tokens,
-                         hf_compile=not args.hf_eager,
-                         log=log)
-    res["bench"] = bench
-    if tk.PDL:  # the same decode loop with programmatic dependent launch off, for the notes
-        tk.PDL = False
-        tk._PDL_OK.clear()
-        res["bench_no_pdl"] = wb.e2e(wb.LAST["decoder"], wb.LAST["prompt"], args.tokens)
-        tk.PDL = True
-        log(f"without PDL: own dense {res['bench_no_pdl']['dense_tok_s']:.1f}, own sparse "
-            f"{res['bench_no_pdl']['sparse_tok_s']:.1f} tok/s")
+                         hf_compile=not args.hf_eager, log=log)
+    res["bench"] = bench  # bench["no_pdl"]: the same decode loop without programmatic dependent launch
     lay = bench["layer"]["0.5"]
     acc = {
         "layer_sparse_le_1.15_ideal": lay["sparse_over_ideal"] <= 1.15,

@@ -254,9 +254,6 @@ def e2e(dec, prompt, n_tokens: int, hf=None, rounds: int = 2, hf_compile: bool =
 
 
 # ----------------------------------------------------------------------------------------------- entry
-LAST: dict = {}  # the decoder and prompt of the latest run_bench, for follow-up timings in the same process
-
-
 def run_bench(checkpoint: str | None = None, synthetic: str | None = None, device: str = "cpu", dtype: str = "auto",
               sparsity: float = 0.5, tokens: int = 32, prompt_len: int = 32, sparsities=SPARSITIES, rounds: int = 2,
               skip_hf: bool = False, skip_matrices: bool = False, layers: int | None = None, hf_compile: bool = False,
@@ -309,10 +306,26 @@ def run_bench(checkpoint: str | None = None, synthetic: str | None = None, devic
         text = "The history of the city begins in the early middle ages, when a small settlement grew around"
         p = model.tokenizer(text, return_tensors="pt").input_ids[:, :prompt_len]
         prompt = p.to(dev)
-    LAST.update(decoder=dec, prompt=prompt)
     result.update(e2e(dec, prompt, tokens, hf=None if skip_hf else hf, rounds=rounds, hf_compile=hf_compile, log=log))
     log(f"decode: own dense {result['dense_tok_s']:.1f} tok/s, own sparse {result['sparse_tok_s']:.1f} tok/s "
         f"({result['sparse_over_dense']:.2f}x)" + (
             f", transformers static dense{' (compiled)' if hf_compile else ''} {result['hf_static_tok_s']:.1f} tok/s "
             f"(sparse {result['sparse_over_hf']:.2f}x)" if "hf_static_tok_s" in result else ""))
+    if dev.type == "cuda":
+        result["no_pdl"] = _without_pdl(dec, prompt, tokens, rounds, log)
     return result
+
+
+def _without_pdl(dec, prompt, tokens: int, rounds: int, log) -> dict | None:
+    """The same decode loop with programmatic dependent launch off (what PDL buys); None where it is not in use."""
+    from . import triton_kernels as tk
+
+    if not tk.pdl_args(prompt.device):
+        return None
+    tk.PDL = False
+    try:
+        r = e2e(dec, prompt, tokens, rounds=rounds)
+    finally:
+        tk.PDL = True
+    log(f"without PDL: own dense {r['dense_tok_s']:.1f}, own sparse {r['sparse_tok_s']:.1f} tok/s")
+    return {k: r[k] for k in ("dense_tok_s", "sparse_tok_s", "sparse_over_dense")}

@@ -4,10 +4,13 @@
 - stores every sparse linear's weights input-channel-major (`w_t = W.T`, [in, out]) so the weights of one input
   channel are one contiguous row, and installs a `kernel` that reads only the rows of active channels;
 - on CUDA, swaps in `FusedSparseLinear` modules for q/k/v and gate/up (one Triton launch for the projections that
-  share an input; dense runs keep using the original Hugging Face-layout linears, which stay in place);
+  share an input; dense calls of the plain block path keep using the original Hugging Face-layout linears, which
+  stay in place);
 - on CPU, uses a small C++ op (cpu_kernels.py: threshold test + accumulation of the active rows, threads over the
   output) or, where it cannot be built, `embedding_bag(idx, w_t, per_sample_weights=x[idx], mode='sum')`, with a
-  per-shape dense fallback where a quick timing says sparse loses.
+  per-shape dense fallback where a quick timing says sparse loses;
+- for Llama-like blocks, installs a whole-block decode step (`FusedDecodeStep` on CUDA, `CpuDecodeStep` on CPU)
+  that runs a decode token's block in a few fused kernels, dense or sparse.
 
 Every fast path computes what `reference_sparse_linear` specifies (same mask: fp32 score >= threshold); it only
 answers for decode-shaped calls (one or a few token rows, all sparse) and returns None otherwise, so the reference
@@ -202,6 +205,7 @@ class _DecodeStep:
 
     def __init__(self, blk: nn.Module) -> None:
         self.blk = blk
+        self.linears = tuple(blk.linears().values())
 
     @staticmethod
     def supports(blk: nn.Module) -> bool:
@@ -214,7 +218,7 @@ class _DecodeStep:
         a = self.blk.attn
         return (x.shape[0] == 1 and x.shape[1] == 1 and a.cache is not None and pos.numel() == 1
                 and (sparse is None or isinstance(sparse, bool))
-                and all(lin.meter is None for lin in self.blk.linears().values()))
+                and all(lin.meter is None for lin in self.linears))
 
 
 class FusedDecodeStep(_DecodeStep):
@@ -254,7 +258,7 @@ class FusedDecodeStep(_DecodeStep):
 class CpuDecodeStep(_DecodeStep):
     """CPU, float32: RMSNorm, rope + cache write + attention and silu·mul as one C++ op each (cpu_kernels.py), the
     seven linears through their `SparseLinear` (the C++ sparse matvec when sparse, MKL when dense): about 13 calls
-    per block instead of ~40 torch ops, whose dispatch cost is shared by dense and sparse runs."""
+    per block instead of ~40 torch ops (counted from the code), whose dispatch cost dense and sparse runs share."""
 
     def __init__(self, blk: nn.Module, ops) -> None:
         super().__init__(blk)

@@ -1,7 +1,7 @@
 """Triton kernels for the non-linear part of one decode step (batch 1, one token), so a layer is a handful of launches.
 
 - `rope_cache`: rotary embedding of q and k plus the KV-cache write of k and v at the position held in a device
-  tensor (CUDA-graph safe), one launch instead of ~14 small torch ops;
+  tensor (CUDA-graph safe), one launch instead of about a dozen small torch ops;
 - `decode_attention`: softmax(q K^T / sqrt(d)) V of one query token over the cache up to its position (causal,
   optional sliding window, grouped-query heads), online softmax in fp32; one program per query head reads its
   kv head's cache rows, so it suits the short-to-medium contexts of decode benchmarks (no split over the context);

@@ -60,7 +60,6 @@ __all__ = [
     "split_k_config",
     "stream_config",
     "set_tuned",
-    "DEFAULT_CONFIGS",
 ]
 
 
@@ -316,24 +315,6 @@ if HAVE_TRITON:
 # --------------------------------------------------------------------------------------
 # Launch configuration
 # --------------------------------------------------------------------------------------
-# (block_n, block_k, k_per_split, num_warps, num_stages); tuned on an H200 by
-# benchmarks/gpu_kernels.py --tune (bf16). Keyed by batch path ("b1" or "bN").
-DEFAULT_CONFIGS = {  # generic fallbacks; pick_config() holds the tuned rules
-    "b1": dict(block_n=64, block_k=32, k_per_split=128, num_warps=1, num_stages=1),
-    "bN": dict(block_n=128, block_k=32, k_per_split=256, num_warps=4, num_stages=3, use_dot=True),
-}
-_SM_COUNT = {}
-
-
-def _sm_count(device) -> int:
-    if device.type != "cuda":
-        return 132
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 def pick_config(B: int, K: int, N: int, seg_sizes: Optional[Sequence[int]] = None, device=None) -> dict:
     """Launch config for a [B, K] x [K, N] problem (bf16 H200 tuning, see
     benchmarks/gpu_explore.py). Returns the two-phase stream kernel's config (algo="stream") for very wide
