@@ -4,14 +4,18 @@
     (without pip, as on the device machine: `. benchmarks/device_env.sh` first)
 
 1. correctness: the two-phase "stream" kernel and the original kernel vs the fp32 reference on Llama-3-8B shapes
-   (bf16, fp16; WINA and TEAL; bias; silu*mul in the kernel + residual epilogue); decode steps through the fast
-   path (fused decode blocks, CUDA graph, PDL) vs the reference path on a small random Llama in fp32, dense and
-   sparse (logits); dense logits of this repo's decoder vs transformers'; generate() vs transformers' greedy;
-2. tuning: per fused matrix (qkv, o, gate_up, down) at batch 1, s = 0.5, CUDA-graph time of the original kernel's
-   default config and a random sample of split-K and stream configs; the fastest is registered (`set_tuned`);
+   (bf16, fp16; WINA and TEAL; bias; silu*mul in the kernel + residual epilogue; RMSNorm in the kernel; every row);
+   the two-stage argmax; decode steps through the fast path (fused decode blocks, CUDA graph, PDL) vs the reference
+   path on a small random Llama in fp32, dense and sparse (logits); dense logits of this repo's decoder vs
+   transformers'; generate() vs transformers' greedy; the cost of one launch in a graph;
+2. tuning (skipped with --no-tune, i.e. the defaults `wina bench` runs): per fused matrix (qkv, o, gate_up, down)
+   at batch 1, s = 0.5, CUDA-graph time of the default config and a random sample of split-K and stream configs;
+   the same for q/k/v and gate/up with their RMSNorm inside, and for the dense o and down through the kernel; the
+   fastest of each is registered (`set_tuned`);
 3. `wina bench --synthetic llama3-8b` logic: per-matrix and per-layer sparse / dense / ideal at s in
    {0, .25, .4, .5, .65} and end-to-end decode tok/s (own dense, own sparse, transformers static dense);
-4. acceptance lines and one JSON line (also written to $OUT/gpu_suite.json when OUT is set).
+4. acceptance lines, with --profile the per-kernel profile of decode (gpu_profile.py), and one JSON line (also
+   written to $OUT/gpu_suite.json when OUT is set).
 """
 
 from __future__ import annotations
@@ -86,6 +90,46 @@ def check_kernels() -> int:
             if not err <= tol:
                 bad += 1
                 log(f"  MISMATCH glu+residual K={K} N={N} {dt}: err {err:.3g} tol {tol:.3g}")
+            # the dense decode step's o / down: the same kernel over every row
+            ref = h.float() @ w.float() + res.float()
+            tol_d = 2 * ((h @ w + res).float() - ref).abs().max().item() + 1e-3 * ref.abs().max().item() + 1e-3
+            err = (tk.sparse_gemv_segments(gu, w, thr, (N,), residual=res, glu=True, all_rows=True).float()
+                   - ref).abs().max().item()
+            n += 1
+            if not err <= tol_d:
+                bad += 1
+                log(f"  MISMATCH all_rows glu+residual K={K} N={N} {dt}: err {err:.3g} tol {tol_d:.3g}")
+    # q/k/v and gate/up with their RMSNorm computed in the kernel (`norm=`: each split-K program, or the stream
+    # kernel's compaction launch)
+    for K, N, seg in ((4096, 6144, (4096, 1024, 1024)), (4096, 28672, (14336, 14336))):
+        x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16) * 3
+        gain = (torch.rand(K, device=DEV) + 0.5).to(torch.bfloat16)
+        w = torch.randn(K, N, device=DEV, dtype=torch.bfloat16) * 0.05
+        sc = torch.rand(len(seg), K, device=DEV) + 0.5
+        h = tk.rms_norm(x, gain, NORM_EPS)
+        thr = torch.stack([torch.quantile((h.float().abs() * sc[j]).flatten(), 0.5) for j in range(len(seg))])
+        ref = tk.reference_sparse_gemv_segments(h.float(), w.float(), thr, seg, sc)
+        ref_lp = tk.reference_sparse_gemv_segments(h, w, thr, seg, sc)
+        tol = 2 * (ref_lp.float() - ref).abs().max().item() + 1e-3 * ref.abs().max().item() + 1e-4
+        for cfg in (None, dict(algo="stream", block_n=256, rows=8, split=32), dict(block_n=64, block_k=32,
+                                                                                  k_per_split=128, num_warps=1)):
+            y = tk.sparse_gemv_segments(x, w, thr, seg, sc, norm=(gain, NORM_EPS), config=cfg)
+            err = (y.float() - ref).abs().max().item()
+            n += 1
+            if not err <= tol:
+                bad += 1
+                log(f"  MISMATCH norm K={K} N={N} cfg={cfg}: err {err:.3g} tol {tol:.3g}")
+    # the decode loop's greedy token (two-stage argmax over a Llama-3 vocabulary)
+    from wina.runtime import triton_decode as td
+
+    for trial in range(3):
+        lg = torch.randn(1, 128256, device=DEV, dtype=torch.bfloat16)
+        if trial:
+            lg[0, 1000 * trial] = lg[0, 127000] = 50.0  # a tie across slices: the first index wins
+        n += 1
+        if not torch.equal(td.greedy_token(lg), lg.argmax(-1, keepdim=True)):
+            bad += 1
+            log(f"  MISMATCH greedy_token trial {trial}")
     log(f"kernel checks: {n - bad}/{n} ok")
     return bad
 
@@ -182,6 +226,12 @@ def tune_grid(K, N, seed: int = 0):
                         if kps >= bk:
                             out.append(dict(block_n=bn, block_k=bk, k_per_split=kps, num_warps=nw, num_stages=1,
                                             prefetch=pf))
+    for bn in (512, 1024, 2048):  # wide column blocks, few rows per step: the stream kernel's shape, masked
+        for bk in (2, 4, 8, 16):
+            for kps in (64, 128, 256):
+                for nw in (4, 8):
+                    out.append(dict(block_n=bn, block_k=bk, k_per_split=kps, num_warps=nw, num_stages=1,
+                                    prefetch=True))
     for bn in (512, 1024, 2048):
         for rows in (2, 4, 8, 16):
             nblk = -(-N // bn)
@@ -193,14 +243,19 @@ def tune_grid(K, N, seed: int = 0):
     return out
 
 
-def problem(K: int, N: int, seg: tuple):
+NORM_EPS = 1e-5
+
+
+def problem(K: int, N: int, seg: tuple, norm: torch.Tensor | None = None):
     """A bf16 batch-1 problem at s = 0.5: input-major weight copies rotating over >= 400 MB (every call reads HBM),
-    their WINA scales per segment, x, the per-segment median-score thresholds and an output buffer."""
+    their WINA scales per segment, x, the per-segment median-score thresholds and an output buffer. With `norm` (an
+    RMSNorm gain) the thresholds are those of rms_norm(x) (the input of a `norm=` call)."""
     ncopy = max(2, math.ceil(400e6 / (K * N * 2)))
     ws = [torch.randn(K, N, device=DEV, dtype=torch.bfloat16) * 0.02 for _ in range(ncopy)]
     sc = torch.stack([c.float().norm(dim=1) for c in ws[0].split(list(seg), 1)]).contiguous()
     x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
-    thr = torch.stack([torch.quantile((x.float().abs() * sc[j]).flatten(), 0.5) for j in range(len(seg))]).float()
+    h = x if norm is None else tk.rms_norm(x, norm, NORM_EPS)
+    thr = torch.stack([torch.quantile((h.float().abs() * sc[j]).flatten(), 0.5) for j in range(len(seg))]).float()
     return ws, sc, x, thr, torch.empty(1, N, device=DEV, dtype=torch.bfloat16)
 
 
@@ -232,15 +287,121 @@ def tune(budget_s: float) -> dict:
         results[name] = {"dense_us": dense, "ideal_us": 0.5 * dense, "orig_kernel_us": base_t, "best_us": best_t,
                          "best_cfg": best, "tried": len(timings),
                          "top3": [(round(t, 2), c) for t, c in timings[:3]]}
+        fam = {}
+        for t, c in timings:
+            f = "stream" if c.get("algo") == "stream" else ("split-K wide" if c["block_n"] >= 512 else "split-K")
+            fam.setdefault(f, (round(t, 2), c))
+        results[name]["best_by_family"] = fam
         log(f"tune {name}: dense {dense:.1f} us, ideal {0.5 * dense:.1f}, original kernel {base_t:.1f}, "
-            f"best {best_t:.1f} ({len(timings)} tried) {best}")
+            f"best {best_t:.1f} ({len(timings)} tried) {best}; by family {fam}")
         del ws
         torch.cuda.empty_cache()
     tot = {k: sum(r[k] for r in results.values()) for k in ("dense_us", "ideal_us", "orig_kernel_us", "best_us")}
+    for name in ("qkv", "gate_up"):
+        results[name + "+norm"] = tune_norm(name, budget_s / len(FUSED))
+    for name in ("o", "down"):
+        results[name + " dense"] = tune_dense(name, budget_s / len(FUSED) / 2)
     log(f"tune per-layer (isolated matrices): dense {tot['dense_us']:.1f} ideal {tot['ideal_us']:.1f} "
         f"original {tot['orig_kernel_us']:.1f} best {tot['best_us']:.1f} us")
     results["layer"] = tot
     return results
+
+
+def tune_norm(name: str, budget_s: float) -> dict:
+    """The decode step's q/k/v and gate/up take their block's RMSNorm with them (`norm=`): each split-K program, or
+    the stream kernel's compaction launch, computes it. Times a norm launch + the tuned GEMV against the same config
+    and the stream configs with the norm fused (CUDA graph), registers the fastest for `norm=` calls, and times the
+    dense side both ways (norm + cuBLAS; the split-K kernel over every row with the norm inside)."""
+    K, N, seg = FUSED[name]
+    t_end = time.time() + budget_s
+    gain = (torch.rand(K, device=DEV) + 0.5).to(torch.bfloat16)
+    ws, sc, x, thr, out = problem(K, N, seg, norm=gain)
+    wd = [w.t().contiguous() for w in ws]
+    dense = wb._graph_time_us([lambda w=w: torch.nn.functional.linear(tk.rms_norm(x, gain, NORM_EPS), w, out=out)
+                               for w in wd], min_calls=128)
+    del wd
+    unfused_cfg = tk.TUNED.get((1, K, N, seg, "sparse")) or tk.pick_config(1, K, N, seg, x.device)
+
+    def run(w, c, fused):
+        if fused:
+            return tk.sparse_gemv_segments(x, w, thr, seg, sc, None, out=out, config=c, norm=(gain, NORM_EPS))
+        return tk.sparse_gemv_segments(tk.rms_norm(x, gain, NORM_EPS), w, thr, seg, sc, None, out=out, config=c)
+
+    unfused = wb._graph_time_us([lambda w=w: run(w, unfused_cfg, False) for w in ws], min_calls=128)
+    # the unfused winner with the norm fused in (split-K: each program computes 1/rms; stream: the compaction
+    # launch), then the stream configs
+    cands = [dict(unfused_cfg)] + [c for c in tune_grid(K, N, seed=1) if c.get("algo") == "stream"]
+    timings = []
+    for cfg in cands:
+        if timings and time.time() > t_end:
+            break
+        timings.append((wb._graph_time_us([lambda w=w, c=cfg: run(w, c, True) for w in ws], min_calls=128), cfg))
+    timings.sort(key=lambda z: z[0])
+    best_t, best = timings[0]
+    default_t = next(t for t, c in timings if c is cands[0])
+    tk.set_tuned(1, K, N, seg, best, variant="norm")
+    # a dense alternative: the split-K kernel over every row with the norm in it (the decode step's dense side
+    # runs norm + cuBLAS)
+    dense_kernel = wb._graph_time_us([lambda w=w: tk.sparse_gemv_segments(x, w, thr, seg, out=out, all_rows=True,
+                                                                          norm=(gain, NORM_EPS)) for w in ws],
+                                     min_calls=128)
+    log(f"tune {name}+norm: dense (norm + cuBLAS) {dense:.1f} us (split-K kernel, every row, norm fused "
+        f"{dense_kernel:.1f}), sparse: norm launch + GEMV {unfused:.1f}, same config norm fused {default_t:.1f}, "
+        f"best {best_t:.1f} ({len(timings)} tried) {best}")
+    del ws
+    torch.cuda.empty_cache()
+    return {"dense_us": dense, "dense_kernel_us": dense_kernel, "unfused_us": unfused,
+            "fused_same_cfg_us": default_t, "best_us": best_t,
+            "best_cfg": best, "tried": len(timings), "top3": [(round(t, 2), c) for t, c in timings[:3]]}
+
+
+def tune_dense(name: str, budget_s: float) -> dict:
+    """The dense decode step runs o and down through the split-K kernel over every row (residual and, for down,
+    silu·mul fused): time split-K configs for that against cuBLAS and register the fastest ("all_rows")."""
+    K, N, seg = FUSED[name]
+    t_end = time.time() + budget_s
+    ws, sc, x, thr, out = problem(K, N, seg)
+    glu = name == "down"
+    xin = torch.randn(1, 2 * K, device=DEV, dtype=torch.bfloat16) if glu else x
+    res = torch.randn(1, N, device=DEV, dtype=torch.bfloat16)
+    wd = [w.t().contiguous() for w in ws]
+    cublas = wb._graph_time_us([lambda w=w: torch.nn.functional.linear(x, w, out=out) for w in wd], min_calls=128)
+    del wd
+    cands = [tk.dense_config(1, K, N)] + [c for c in tune_grid(K, N, seed=2)
+                                            if c.get("algo") != "stream" and c["block_n"] < 512]
+    timings = []
+    for cfg in cands:
+        if timings and time.time() > t_end:
+            break
+        timings.append((wb._graph_time_us([lambda w=w, c=cfg: tk.sparse_gemv_segments(
+            xin, w, thr, seg, out=out, config=c, residual=res, glu=glu, all_rows=True) for w in ws], min_calls=128),
+            cfg))
+    default_t = timings[0][0]
+    timings.sort(key=lambda z: z[0])
+    best_t, best = timings[0]
+    tk.set_tuned(1, K, N, seg, best, variant="all_rows")
+    log(f"tune {name} dense: cuBLAS {cublas:.1f} us (no residual{', no silu*mul' if glu else ''}), split-K kernel "
+        f"every row + fused residual{' + silu*mul' if glu else ''}: default {default_t:.1f}, best {best_t:.1f} "
+        f"({len(timings)} tried) {best}")
+    del ws
+    torch.cuda.empty_cache()
+    return {"cublas_us": cublas, "kernel_default_us": default_t, "kernel_best_us": best_t, "best_cfg": best}
+
+
+def launch_chain_us() -> dict:
+    """What one dependent launch costs inside a CUDA graph: 256 back-to-back one-row RMSNorms (4096 wide), with
+    programmatic dependent launch and without; and one torch add, for scale."""
+    x = torch.randn(1, 4096, device=DEV, dtype=torch.bfloat16)
+    g = torch.ones(4096, device=DEV, dtype=torch.bfloat16)
+    res = {}
+    for pdl in (True, False):
+        tk.PDL = pdl
+        res["rms_norm_pdl" if pdl else "rms_norm"] = wb._graph_time_us([lambda: tk.rms_norm(x, g, NORM_EPS)],
+                                                                      min_calls=256)
+    tk.PDL = True
+    res["torch_add"] = wb._graph_time_us([lambda: x + x], min_calls=256)
+    log("per launch in a graph (us): " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
+    return res
 
 
 # ----------------------------------------------------------------------------- main
@@ -250,6 +411,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--hf-eager", action="store_true", help="transformers baseline without its torch.compile")
+    ap.add_argument("--profile", action="store_true", help="then per-kernel profile of decode (gpu_profile.py)")
+    ap.add_argument("--no-tune", action="store_true", help="skip the sweep: default configs, as `wina bench` runs")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
@@ -258,7 +421,9 @@ def main():
     if not args.skip_checks:
         res["kernel_mismatches"] = check_kernels()
         res["model_mismatches"] = check_model()
-    res["tune"] = tune(args.tune_budget)
+    res["launch_us"] = launch_chain_us()
+    if not args.no_tune:
+        res["tune"] = tune(args.tune_budget)
     bench = wb.run_bench(synthetic="llama3-8b", device=DEV, dtype="bfloat16", sparsity=0.5, tokens=args.tokens,
                          hf_compile=not args.hf_eager, log=log)
     res["bench"] = bench  # bench["no_pdl"]: the same decode loop without programmatic dependent launch
@@ -275,6 +440,10 @@ def main():
     log(f"ACCEPTANCE e2e: own sparse {bench['sparse_tok_s']:.1f} tok/s, own dense {bench['dense_tok_s']:.1f} "
         f"({bench['sparse_over_dense']:.2f}x, need 1.6), HF static {bench.get('hf_static_tok_s', float('nan')):.1f} "
         f"({bench.get('sparse_over_hf', float('nan')):.2f}x, need 2.5)")
+    if args.profile:
+        import gpu_profile
+
+        res["profile"] = gpu_profile.run(layers=32, steps=4)
     res["elapsed_s"] = time.time() - T0
     emit(res, "gpu_suite.json")
 

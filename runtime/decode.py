@@ -13,6 +13,7 @@ import time
 import torch
 
 from .sparse import SparseSpec
+from .triton_decode import greedy_token
 
 
 class DecodeRunner:
@@ -41,7 +42,7 @@ class DecodeRunner:
     def _step(self) -> None:
         logits = self.dec(self.tok, pos=self.pos, sparse=self.sparse)[:, -1]
         self.logits = logits
-        self.tok.copy_(logits.argmax(-1, keepdim=True))
+        self.tok.copy_(greedy_token(logits))
         self.pos.add_(1)
 
     @torch.no_grad()

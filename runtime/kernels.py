@@ -84,13 +84,14 @@ class _GpuKernel:
         return self.run(lin, x2).view(*x.shape[:-1], -1)
 
     def run(self, lin: SparseLinear, x2: torch.Tensor, residual: torch.Tensor | None = None,
-            glu: bool = False) -> torch.Tensor:
-        """The sparse GEMV of [1, K] x (or [1, 2K] gate|up with `glu`), optionally plus a residual [1, N]."""
+            glu: bool = False, dense: bool = False) -> torch.Tensor:
+        """The sparse GEMV of [1, K] x (or [1, 2K] gate|up with `glu`), optionally plus a residual [1, N];
+        `dense`: every channel (the same kernel as the dense side of the decode step)."""
         from . import triton_kernels as tk
 
         scale = lin.col_norm.reshape(1, -1) if lin.use_col_norm else None
         return tk.sparse_gemv_segments(x2, self.w_t, self.thr.get(), (self.w_t.shape[1],), scale, lin.bias,
-                                       residual=residual, glu=glu)
+                                       residual=residual, glu=glu, all_rows=dense)
 
 
 class _CpuKernel:
@@ -152,19 +153,23 @@ class FusedSparseLinear(nn.Module):
             return tuple(p(x, sparse) for p in self._parts)
         return y.split(self.sizes, -1)
 
-    def joint(self, x2: torch.Tensor, sparse: SparseSpec) -> torch.Tensor:
+    def joint(self, x2: torch.Tensor, sparse: SparseSpec, norm: nn.Module | None = None) -> torch.Tensor:
         """All parts' outputs side by side, [1, sum(sizes)], for a decode row x2 [1, K]: one sparse kernel, or
-        (dense) one GEMV over the concatenated input-major weights."""
-        y = self._fast(x2, sparse)
+        (dense) one GEMV over the concatenated input-major weights. With `norm` (an RMSNorm) the input is
+        norm(x2): the sparse kernel computes it itself; the dense path runs it first, then cuBLAS (the split-K kernel
+        over every row with the norm inside lost in the decode step: q/k/v 17.6 vs 16.9 us per layer on an H200)."""
+        y = self._fast(x2, sparse, norm)
         if y is not None:
             return y
+        if norm is not None:
+            x2 = norm(x2)
         if sparse and any(p.active for p in self._parts):  # sparse, but the kernel declined: the reference parts
             return torch.cat([p(x2, sparse) for p in self._parts], -1)
         if self.bias is None:
             return x2 @ self.w_t
         return torch.addmm(self.bias, x2, self.w_t)
 
-    def _fast(self, x: torch.Tensor, sparse: SparseSpec) -> torch.Tensor | None:
+    def _fast(self, x: torch.Tensor, sparse: SparseSpec, norm: nn.Module | None = None) -> torch.Tensor | None:
         from . import triton_kernels as tk
 
         if sparse is None or sparse is False or not any(p.active for p in self._parts):
@@ -174,7 +179,8 @@ class FusedSparseLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] > GPU_MAX_ROWS or not _all_sparse(sparse) or x.dtype != self.w_t.dtype or not (x.is_cuda or tk._interpreting()):
             return None
-        y = tk.sparse_gemv_segments(x2, self.w_t, self.thr.get(), self.sizes, self._scales, self.bias)
+        y = tk.sparse_gemv_segments(x2, self.w_t, self.thr.get(), self.sizes, self._scales, self.bias,
+                                    norm=None if norm is None else (norm.weight, norm.eps))
         return y.view(*x.shape[:-1], -1)
 
 
@@ -193,8 +199,8 @@ class FastRMSNorm(nn.Module):
         return tk.rms_norm(x, self.weight, self.eps)
 
 
-# Longest KV cache the fused GPU decode step takes: its attention kernel runs one program per query head over the
-# whole context (no split over positions), fine for short and medium contexts; longer caches keep SDPA.
+# Longest KV cache the fused GPU decode step takes (its attention splits the context into programs of up to 128
+# positions and combines their partials; timed only at ~100 positions so far); longer caches keep SDPA.
 FUSED_DECODE_MAX_CACHE = 4096
 
 
@@ -222,10 +228,11 @@ class _DecodeStep:
 
 
 class FusedDecodeStep(_DecodeStep):
-    """CUDA: the block in nine launches — RMSNorm, q/k/v (one GEMV), rope + cache write, attention, o + residual,
-    RMSNorm, gate/up (one GEMV), silu·mul + down + residual. Sparse runs use the Triton kernels (silu·mul and the
-    residual adds fused into the GEMVs); dense runs use cuBLAS GEMVs over the same input-major weights, so both sides
-    of a benchmark share the non-linear kernels."""
+    """CUDA: the block in six launches when sparse: q/k/v GEMV (its RMSNorm computed in every split-K program), rope +
+    cache write + attention, o GEMV + residual, RMSNorm + threshold test + compaction of gate/up's active channels,
+    gate/up GEMV over exactly those rows, silu·mul + down GEMV + residual. Dense (seven): RMSNorm + cuBLAS for q/k/v
+    and for gate/up, the same attention, o + residual and silu·mul + down + residual through the split-K kernel over
+    every row."""
 
     @staticmethod
     def supports(blk: nn.Module) -> bool:
@@ -244,13 +251,10 @@ class FusedDecodeStep(_DecodeStep):
             return None
         sparse = sparse or None
         x1 = x.reshape(1, -1)
-        h = tk.rms_norm(x1, blk.attn_norm.weight, blk.attn_norm.eps)
-        q, k, v = a.qkv.joint(h, sparse).split(a.qkv.sizes, -1)
-        q = td.rope_cache(q, k, v, cos, sin, pos, a.cache.k, a.cache.v)
-        y = td.decode_attention(q, a.cache.k, a.cache.v, pos, a.window).view(1, -1)
+        q, k, v = a.qkv.joint(x1, sparse, norm=blk.attn_norm).split(a.qkv.sizes, -1)
+        y = td.rope_attention(q, k, v, cos, sin, pos, a.cache.k, a.cache.v, a.window).view(1, -1)
         x1 = _linear_residual(a.o, y, x1, sparse)
-        h = tk.rms_norm(x1, blk.mlp_norm.weight, blk.mlp_norm.eps)
-        gu = m.gate_up.joint(h, sparse)
+        gu = m.gate_up.joint(x1, sparse, norm=blk.mlp_norm)
         x1 = _linear_residual(m.down, gu, x1, sparse, glu=True)
         return x1.view(x.shape)
 
@@ -283,10 +287,11 @@ class CpuDecodeStep(_DecodeStep):
 
 def _linear_residual(lin: SparseLinear, x2: torch.Tensor, residual: torch.Tensor, sparse: SparseSpec,
                      glu: bool = False) -> torch.Tensor:
-    """residual + lin(x2) for one decode row (x2 = [gate | up] with `glu`): the sparse kernel with both fused, or
-    cuBLAS addmm (dense)."""
-    if sparse and lin.active and isinstance(lin.kernel, _GpuKernel):
-        return lin.kernel.run(lin, x2, residual=residual, glu=glu)
+    """residual + lin(x2) for one decode row (x2 = [gate | up] with `glu`): the Triton split-K kernel with both
+    fused, sparse or (dense) over every row; cuBLAS where there is no kernel. (cuBLAS addmm would cost a copy of the
+    residual and a split-K reduction launch, and silu·mul a launch of its own: ~8 us per layer at 8B shape.)"""
+    if isinstance(lin.kernel, _GpuKernel):
+        return lin.kernel.run(lin, x2, residual=residual, glu=glu, dense=not (sparse and lin.active))
     if glu:
         from . import triton_decode as td
 

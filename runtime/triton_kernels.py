@@ -24,8 +24,11 @@ launch, so the kernel is CUDA-graph safe. Caveat: two launches with the same (de
 N) must not run concurrently on different streams.
 
 For the decode step (runtime/kernels.py `FusedDecodeStep`) the split-K kernel can also compute its input as
-``silu(gate) * up`` from the gate/up GEMV's output (``glu=True``) and add the block's residual in its epilogue
-(``residual=``), and every kernel here is launched with programmatic dependent launch on Hopper (`pdl_args`).
+``silu(gate) * up`` from the gate/up GEMV's output (``glu=True``) or as the block's RMSNorm of it (``norm=``; the
+stream kernel's compaction launch does the same), add the block's residual in its epilogue (``residual=``), and run
+dense over every row (``all_rows=True``, the dense side of the decode step). Every kernel here is launched with
+programmatic dependent launch on Hopper (`pdl_args`) and loads what no earlier kernel of the step writes before it
+waits for the previous one.
 Very wide problems (the fused gate/up) default to a two-phase kernel: compact the active channels, then stream
 exactly their rows (`_stream_gemv`).
 
@@ -58,6 +61,7 @@ __all__ = [
     "reference_sparse_gemv_segments",
     "pick_config",
     "split_k_config",
+    "dense_config",
     "stream_config",
     "set_tuned",
 ]
@@ -98,12 +102,24 @@ def reference_sparse_gemv_segments(x, w_t, thresholds, seg_sizes, scales=None, b
 if HAVE_TRITON:
 
     @triton.jit
-    def _pdl_start(USE_PDL: tl.constexpr):
-        """Programmatic dependent launch (Hopper): wait for the previous kernel's memory before touching any, then
-        let the next kernel's launch begin, so consecutive decode kernels do not pay a full launch gap."""
+    def _pdl_launch(USE_PDL: tl.constexpr):
+        """Programmatic dependent launch (Hopper): let the next kernel's programs be scheduled now; they wait in
+        `_pdl_wait` until this whole grid has finished, so consecutive decode kernels do not pay a full launch gap."""
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def _pdl_wait(USE_PDL: tl.constexpr):
+        """Wait until the previous kernel has finished and its writes are visible. Before this, a kernel may read
+        only what no kernel of the current decode step writes (weights, thresholds, scales, segment maps; the
+        attention's position and older cache rows, written by earlier steps)."""
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def _pdl_start(USE_PDL: tl.constexpr):
+        _pdl_wait(USE_PDL)
+        _pdl_launch(USE_PDL)
 
     @triton.jit
     def _glu(g, u, dtype):
@@ -113,7 +129,8 @@ if HAVE_TRITON:
         return (s * u.to(tl.float32)).to(dtype)
 
     @triton.jit
-    def _load_x1(x_ptr, scale_ptr, seg, K, offs_k, k_hi, HAS_SCALE: tl.constexpr, GLU: tl.constexpr = False):
+    def _load_x1(x_ptr, scale_ptr, seg, K, offs_k, k_hi, HAS_SCALE: tl.constexpr, GLU: tl.constexpr, norm_ptr, r,
+                 HAS_NORM: tl.constexpr):
         k_in = offs_k < k_hi
         if GLU:  # x is [gate | up] (2K values): the input is silu(gate) * up, never written to memory
             g = tl.load(x_ptr + offs_k, mask=k_in, other=0.0)
@@ -121,6 +138,10 @@ if HAVE_TRITON:
             xr = _glu(g, u, x_ptr.dtype.element_ty)
         else:
             xr = tl.load(x_ptr + offs_k, mask=k_in, other=0.0)
+        if HAS_NORM:  # RMSNorm(x) with `_rmsnorm_kernel`'s roundings (r: 1 / rms of the whole row)
+            dt = x_ptr.dtype.element_ty
+            gw = tl.load(norm_ptr + offs_k, mask=k_in, other=0.0).to(tl.float32)
+            xr = (gw * (xr.to(tl.float32) * r).to(dt).to(tl.float32)).to(dt)
         if HAS_SCALE:
             sr = tl.load(scale_ptr + seg * K + offs_k, mask=k_in, other=0.0)
         else:
@@ -128,9 +149,11 @@ if HAVE_TRITON:
         return xr, sr
 
     @triton.jit
-    def _act1(xr, sr, t, offs_k, k_hi, HAS_SCALE: tl.constexpr):
+    def _act1(xr, sr, t, offs_k, k_hi, HAS_SCALE: tl.constexpr, ALL_ROWS: tl.constexpr = False):
         xv = xr.to(tl.float32)
-        if HAS_SCALE:
+        if ALL_ROWS:  # dense: every channel, no threshold test
+            act = offs_k >= 0
+        elif HAS_SCALE:
             act = tl.abs(xv) * sr >= t
         else:
             act = tl.abs(xv) >= t
@@ -189,9 +212,14 @@ if HAVE_TRITON:
         EVICT: tl.constexpr,
         HAS_RES: tl.constexpr = False,
         GLU: tl.constexpr = False,
+        ALL_ROWS: tl.constexpr = False,
+        norm_ptr=None,  # [K] RMSNorm weight when HAS_NORM
+        eps=0.0,
+        HAS_NORM: tl.constexpr = False,
+        BLOCK_ROW: tl.constexpr = 16,  # next power of two >= K (HAS_NORM)
         USE_PDL: tl.constexpr = False,
     ):
-        _pdl_start(USE_PDL)
+        _pdl_launch(USE_PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -201,6 +229,12 @@ if HAVE_TRITON:
         else:
             seg = 0
         t = tl.load(thr_ptr + seg).to(tl.float32)
+        _pdl_wait(USE_PDL)  # the segment map and threshold above are static: their loads overlap the previous kernel
+        r = 1.0
+        if HAS_NORM:  # every program needs 1 / rms of the whole row (8 KB from L2 at 4096 wide): no norm launch
+            row = tl.arange(0, BLOCK_ROW)
+            xa = tl.load(x_ptr + row, mask=row < K, other=0.0).to(tl.float32)
+            r = 1.0 / tl.sqrt_rn(tl.sum(xa * xa, 0) / K + eps)
         if not HAS_SCALE:
             # torch compares |x| (x.dtype) with the threshold rounded to x.dtype.
             if x_ptr.dtype.element_ty == tl.bfloat16:
@@ -221,15 +255,16 @@ if HAVE_TRITON:
                 # software pipeline: the weight tile of step i+1 and the x/scale of step
                 # i+2 are in flight while step i is accumulated.
                 offs_k = k_lo + tl.arange(0, BLOCK_K)
-                xr, sr = _load_x1(x_ptr, scale_ptr, seg, K, offs_k, k_hi, HAS_SCALE, GLU)
-                xm, act = _act1(xr, sr, t, offs_k, k_hi, HAS_SCALE)
+                xr, sr = _load_x1(x_ptr, scale_ptr, seg, K, offs_k, k_hi, HAS_SCALE, GLU, norm_ptr, r, HAS_NORM)
+                xm, act = _act1(xr, sr, t, offs_k, k_hi, HAS_SCALE, ALL_ROWS)
                 w = _load_w(w_cols, offs_k, stride_wk, act, n_in, EVEN_N, EVICT)
                 offs_k += BLOCK_K
-                xr, sr = _load_x1(x_ptr, scale_ptr, seg, K, offs_k, k_hi, HAS_SCALE, GLU)
+                xr, sr = _load_x1(x_ptr, scale_ptr, seg, K, offs_k, k_hi, HAS_SCALE, GLU, norm_ptr, r, HAS_NORM)
                 for kk in range(0, K_PER_SPLIT, BLOCK_K):
-                    xm1, act1 = _act1(xr, sr, t, offs_k, k_hi, HAS_SCALE)
+                    xm1, act1 = _act1(xr, sr, t, offs_k, k_hi, HAS_SCALE, ALL_ROWS)
                     w1 = _load_w(w_cols, offs_k, stride_wk, act1, n_in, EVEN_N, EVICT)
-                    xr, sr = _load_x1(x_ptr, scale_ptr, seg, K, offs_k + BLOCK_K, k_hi, HAS_SCALE, GLU)
+                    xr, sr = _load_x1(x_ptr, scale_ptr, seg, K, offs_k + BLOCK_K, k_hi, HAS_SCALE, GLU, norm_ptr, r,
+                                      HAS_NORM)
                     acc += xm[:, None] * w.to(tl.float32)
                     xm = xm1
                     w = w1
@@ -237,8 +272,8 @@ if HAVE_TRITON:
             else:
                 for kk in range(0, K_PER_SPLIT, BLOCK_K):
                     offs_k = k_lo + kk + tl.arange(0, BLOCK_K)
-                    xr, sr = _load_x1(x_ptr, scale_ptr, seg, K, offs_k, k_hi, HAS_SCALE, GLU)
-                    xm, act = _act1(xr, sr, t, offs_k, k_hi, HAS_SCALE)
+                    xr, sr = _load_x1(x_ptr, scale_ptr, seg, K, offs_k, k_hi, HAS_SCALE, GLU, norm_ptr, r, HAS_NORM)
+                    xm, act = _act1(xr, sr, t, offs_k, k_hi, HAS_SCALE, ALL_ROWS)
                     w = _load_w(w_cols, offs_k, stride_wk, act, n_in, EVEN_N, EVICT)
                     acc += xm[:, None] * w.to(tl.float32)
             res = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
@@ -341,9 +376,24 @@ def split_k_config(B: int, K: int, N: int) -> dict:
             kps *= 2
         if nblk * -(-K // kps) > 2048:  # very wide (e.g. fused gate_up 4096 -> 28672)
             return dict(block_n=256, block_k=16, k_per_split=512, num_warps=2, num_stages=1)
-        return dict(block_n=64, block_k=64 if kps == 64 else 32, k_per_split=kps, num_warps=1, num_stages=1)
+        # hand prefetch paid off at 8 steps per program (q/k/v 4096 -> 6144: 12.3 -> 10.5 us), not at o's 4 (8.5)
+        # or down's 16 (22.6) (gpu_suite tune, 2026-11-28)
+        return dict(block_n=64, block_k=64 if kps == 64 else 32, k_per_split=kps, num_warps=1, num_stages=1,
+                    prefetch=kps == 256)
     kps = 512 if N * K >= 32 * 1024 * 1024 else 256
     return dict(block_n=128, block_k=32, k_per_split=kps, num_warps=4, num_stages=3, use_dot=True)
+
+
+def dense_config(B: int, K: int, N: int) -> dict:
+    """Split-K config for `all_rows` (dense) calls. Every row is read, so short K slices win: at 4096 -> 4096 (o)
+    64 x 32 tiles over 128 rows with prefetch, 12.7 us (the sparse default: 19.7); at 14336 -> 4096 (down, silu·mul
+    and residual fused) 128 x 16 tiles over 128 rows, 34.4 us (the sparse default: 69.5) (gpu_suite tune, H200,
+    bf16, 2026-11-28; cuBLAS without the fusions: 13.4 and 32.1 us)."""
+    if B != 1:
+        return split_k_config(B, K, N)
+    if K > 8192:
+        return dict(block_n=128, block_k=16, k_per_split=128, num_warps=1, num_stages=1)
+    return dict(block_n=64, block_k=32, k_per_split=128, num_warps=1, num_stages=1, prefetch=True)
 
 
 def _fix_block_n(block_n: int, N: int, seg_sizes: Optional[Sequence[int]]) -> int:
@@ -408,6 +458,14 @@ def _blkseg(device, seg_sizes: tuple, block_n: int):
     return t
 
 
+def _no_thresholds(device, nseg: int) -> torch.Tensor:
+    """-inf per segment, cached on the device (a fresh host tensor per call would be a copy, and not capturable)."""
+    key = (device, nseg, "-inf")
+    if key not in _BLKSEG_CACHE:
+        _BLKSEG_CACHE[key] = torch.full((nseg,), float("-inf"), dtype=torch.float32, device=device)
+    return _BLKSEG_CACHE[key]
+
+
 def _as_f32_vec(v, n, device):
     if isinstance(v, torch.Tensor):
         v = v.to(device=device, dtype=torch.float32).reshape(-1)
@@ -432,6 +490,8 @@ def sparse_gemv_segments(
     config: Optional[dict] = None,
     residual: Optional[torch.Tensor] = None,
     glu: bool = False,
+    norm: Optional[tuple] = None,
+    all_rows: bool = False,
 ) -> torch.Tensor:
     """Fused threshold-sparse GEMV over column segments that share one input.
 
@@ -459,6 +519,12 @@ def sparse_gemv_segments(
             computes ``x + linear(h)``): saves the separate add of a decoder block's residual stream.
         glu: x is ``[1, 2K]`` = ``[gate | up]`` and the input is ``silu(gate) * up`` (the MLP's down projection),
             computed on the fly with torch's roundings. Batch 1, original kernel only.
+        norm: ``(weight, eps)``: the input is ``rms_norm(x, weight, eps)`` (a decoder block's RMSNorm before q/k/v
+            or gate/up). Batch 1 fuses it: the stream kernel's compaction launch, or every split-K program (1/rms
+            of the whole row, read from L2), computes it, so the norm costs no launch of its own; batches run
+            `rms_norm` first.
+        all_rows: dense — every input channel counts, thresholds and scales are ignored (the decode step's dense
+            o and down, which keep the fused residual and silu·mul). Split-K kernel only.
     Returns ``[B, N]`` in x.dtype (split it with ``y.split(seg_sizes, -1)``).
     One kernel launch for all segments.
     """
@@ -479,6 +545,10 @@ def sparse_gemv_segments(
     if w_t.stride(1) != 1:
         w_t = w_t.contiguous()
     dev = x.device
+    if all_rows:  # dense through the split-K kernel: no threshold test, no scales
+        thresholds, scales = _no_thresholds(dev, nseg), None
+        if config is None or config.get("algo") == "stream":
+            config = TUNED.get((B, K, N, seg_sizes, "all_rows")) or dense_config(B, K, N)
     thr = _as_f32_vec(thresholds, nseg, dev)
     if scales is not None:
         scales = scales.to(device=dev, dtype=torch.float32)
@@ -495,12 +565,17 @@ def sparse_gemv_segments(
         assert out.shape == (B, N) and out.stride(1) == 1
 
     if config is None:
-        config = TUNED.get((B, K, N, seg_sizes)) or pick_config(B, K, N, seg_sizes, dev)
+        variant = "sparse" if norm is None else "norm"
+        config = TUNED.get((B, K, N, seg_sizes, variant)) or pick_config(B, K, N, seg_sizes, dev)
     cfg = dict(config)
     if residual is not None:
         assert residual.shape == (B, N) and residual.is_contiguous() and out.is_contiguous()
     if B == 1 and cfg.get("algo") == "stream" and not glu and residual is None:
-        return _stream_gemv(x, w_t, thr, seg_sizes, scales, bias, out, cfg)
+        return _stream_gemv(x, w_t, thr, seg_sizes, scales, bias, out, cfg, norm)
+    if norm is not None:
+        assert not glu, "norm and glu exclude each other"
+        if B > 1:  # the kernel normalises batch row 0 only
+            x, norm = rms_norm(x, norm[0], norm[1]), None
     if cfg.get("algo") == "stream":  # the stream kernel has no batch / glu / residual variant
         cfg = split_k_config(B, K, N)
     block_n = _fix_block_n(cfg["block_n"], N, seg_sizes)
@@ -534,6 +609,9 @@ def sparse_gemv_segments(
         DOT_IEEE=x.dtype == torch.float32 or _interpreting(),
         PREFETCH=bool(cfg.get("prefetch", False)), EVEN_N=N % block_n == 0,
         USE_DOT=use_dot, EVICT=bool(cfg.get("evict", False)), HAS_RES=residual is not None, GLU=glu,
+        ALL_ROWS=all_rows and block_b == 1, norm_ptr=norm[0] if norm is not None else thr,
+        eps=float(norm[1]) if norm is not None else 0.0, HAS_NORM=norm is not None,
+        BLOCK_ROW=triton.next_power_of_2(K) if norm is not None else 16,
         **pdl_args(dev), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1),
     )
     return out
@@ -593,18 +671,31 @@ if HAVE_TRITON:
         return t
 
     @triton.jit
-    def _compact_kernel(x_ptr, thr_ptr, scale_ptr, idx_ptr, xv_ptr, cnt_ptr, K, NCHUNK,
-                        HAS_SCALE: tl.constexpr, CH: tl.constexpr, USE_PDL: tl.constexpr = False):
-        _pdl_start(USE_PDL)
-        # grid (nseg, NCHUNK): chunk c of segment seg compacts channels [c*CH, (c+1)*CH) into its own slots
+    def _compact_kernel(x_ptr, thr_ptr, scale_ptr, idx_ptr, xv_ptr, cnt_ptr, K, NCHUNK, norm_ptr, eps,
+                        HAS_SCALE: tl.constexpr, CH: tl.constexpr, HAS_NORM: tl.constexpr = False,
+                        BLOCK_ROW: tl.constexpr = 16, USE_PDL: tl.constexpr = False):
+        """grid (nseg, NCHUNK): chunk c of segment seg compacts channels [c*CH, (c+1)*CH) into its own slots. With
+        HAS_NORM the input is RMSNorm(x) (norm weight at norm_ptr), with the formula, block and warps of
+        `_rmsnorm_kernel`: the norm costs no launch of its own."""
+        _pdl_launch(USE_PDL)
         seg = tl.program_id(0)
         c = tl.program_id(1)
         t = _round_thr(tl.load(thr_ptr + seg).to(tl.float32), x_ptr, HAS_SCALE)
         offs = c * CH + tl.arange(0, CH)
         m = offs < K
-        xv = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         if HAS_SCALE:
             sc = tl.load(scale_ptr + seg * K + offs, mask=m, other=0.0)
+        if HAS_NORM:
+            gw = tl.load(norm_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        _pdl_wait(USE_PDL)
+        xv = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            row = tl.arange(0, BLOCK_ROW)
+            xa = tl.load(x_ptr + row, mask=row < K, other=0.0).to(tl.float32)
+            r = 1.0 / tl.sqrt_rn(tl.sum(xa * xa, 0) / K + eps)
+            dt = x_ptr.dtype.element_ty
+            xv = (gw * (xv * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        if HAS_SCALE:
             act = (tl.abs(xv) * sc >= t) & m
         else:
             act = (tl.abs(xv) >= t) & m
@@ -634,7 +725,7 @@ if HAVE_TRITON:
                        SPLIT: tl.constexpr, NSEG: tl.constexpr, HAS_BIAS: tl.constexpr,
                        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
                        PREFETCH: tl.constexpr = False, USE_PDL: tl.constexpr = False):
-        _pdl_start(USE_PDL)
+        _pdl_launch(USE_PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -643,6 +734,7 @@ if HAVE_TRITON:
             seg = tl.load(blkseg_ptr + pid_n)
         else:
             seg = 0
+        _pdl_wait(USE_PDL)
         M = SPLIT // NCHUNK  # programs per chunk
         c = pid_k // M
         sub = pid_k % M
@@ -705,7 +797,7 @@ def stream_config(K: int, N: int, seg_sizes=None) -> dict:
     return dict(algo="stream", block_n=block_n, rows=32, split=split, num_warps=4, num_stages=2)
 
 
-def _stream_gemv(x, w_t, thr, seg_sizes, scales, bias, out, cfg):
+def _stream_gemv(x, w_t, thr, seg_sizes, scales, bias, out, cfg, norm=None):
     B, K = x.shape
     N = w_t.shape[1]
     nseg = len(seg_sizes)
@@ -715,6 +807,8 @@ def _stream_gemv(x, w_t, thr, seg_sizes, scales, bias, out, cfg):
     split = max(1, int(cfg.get("split", 8)))
     nblk = triton.cdiv(N, block_n)
     ch = min(triton.next_power_of_2(K), cfg.get("compact_ch", 1024))
+    if norm is not None:  # the norm's row reduction must see the layout of `rms_norm`: same warps
+        cfg = dict(cfg, compact_warps=_norm_warps(K))
     nchunk = triton.cdiv(K, ch)
     split = nchunk * max(1, round(split / nchunk))
     idx, xv, cnt = _active_lists(dev, nseg, K)
@@ -723,7 +817,9 @@ def _stream_gemv(x, w_t, thr, seg_sizes, scales, bias, out, cfg):
         idx, xv, cnt = _active_lists(dev, nseg, K, nchunk)
     if not cfg.get("skip_compact"):  # benchmarks only: reuse the lists of the previous call (same x)
         _compact_kernel[(nseg, nchunk)](x, thr, scales if scales is not None else thr, idx, xv, cnt, K, nchunk,
-                                        HAS_SCALE=scales is not None, CH=ch, num_warps=cfg.get("compact_warps", 4),
+                                        thr if norm is None else norm[0], 0.0 if norm is None else float(norm[1]),
+                                        HAS_SCALE=scales is not None, CH=ch, HAS_NORM=norm is not None,
+                                        BLOCK_ROW=triton.next_power_of_2(K), num_warps=cfg.get("compact_warps", 4),
                                         **pdl_args(dev))
     if split > 1:
         ws, wcnt = _workspace(dev, B, N, nblk)
@@ -744,23 +840,31 @@ def _stream_gemv(x, w_t, thr, seg_sizes, scales, bias, out, cfg):
 TUNED: dict = {}
 
 
-def set_tuned(B: int, K: int, N: int, seg_sizes, config: dict) -> None:
-    TUNED[(B, K, N, tuple(seg_sizes))] = dict(config)
+def set_tuned(B: int, K: int, N: int, seg_sizes, config: dict, variant: str = "sparse") -> None:
+    """Register a tuned config for `sparse_gemv_segments` calls of this shape; variant "sparse" (plain calls),
+    "norm" (calls with `norm=`) or "all_rows" (dense calls)."""
+    assert variant in ("sparse", "norm", "all_rows"), variant
+    TUNED[(B, K, N, tuple(seg_sizes), variant)] = dict(config)
 
 
 if HAVE_TRITON:
 
     @triton.jit
     def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, D, eps, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
-        _pdl_start(USE_PDL)
+        _pdl_launch(USE_PDL)
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         m = offs < D
+        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        _pdl_wait(USE_PDL)
         x = tl.load(x_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32)
         r = 1.0 / tl.sqrt_rn(tl.sum(x * x, 0) / D + eps)
         xn = (x * r).to(y_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * D + offs, (w * xn).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def _norm_warps(D: int) -> int:
+    return 4 if D <= 4096 else 8
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -771,5 +875,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x2 = x2.contiguous()
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     _rmsnorm_kernel[(x2.shape[0],)](x2, weight, y, D, float(eps), BLOCK=triton.next_power_of_2(D),
-                                    num_warps=4 if D <= 4096 else 8, **pdl_args(x.device))
+                                    num_warps=_norm_warps(D), **pdl_args(x.device))
     return y.view(x.shape)

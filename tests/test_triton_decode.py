@@ -32,22 +32,25 @@ def _qkv(dtype, g):
             torch.randn(KV * HD, generator=g).to(dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_cache_matches_reference(dtype):
-    """Rotated q and the cache rows written at `pos` equal the torch reference; other cache rows are untouched."""
-    g = torch.Generator().manual_seed(0)
-    q, k, v = _qkv(dtype, g)
+def _rope_tables(dtype, g):
     ang = torch.rand(HD // 2, generator=g) * 6
     cos = torch.cat([ang.cos(), ang.cos()]).to(dtype).view(1, HD)
     sin = torch.cat([ang.sin(), ang.sin()]).to(dtype).view(1, HD)
+    return cos, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_attention_writes_rotated_cache_row(dtype):
+    """The cache rows written at `pos` are rotated k and plain v (torch reference); other rows are untouched."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = _qkv(dtype, g)
+    cos, sin = _rope_tables(dtype, g)
     kc, vc = torch.randn(1, KV, L, HD).to(dtype), torch.randn(1, KV, L, HD).to(dtype)
     kc0, vc0 = kc.clone(), vc.clone()
-    pos = torch.tensor([7])
-    qr = td.rope_cache(q, k, v, cos, sin, pos, kc, vc)
+    td.rope_attention(q, k, v, cos, sin, torch.tensor([7]), kc, vc)
     # fp32: bit for bit. bf16: the CPU interpreter truncates float->bf16 casts (the GPU rounds to nearest even like
     # torch), so allow the last two bits there (two products and a sum are rounded).
     tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=2**-6, atol=2**-6)
-    torch.testing.assert_close(qr.view(H, HD), apply_rope(q.view(H, HD), cos, sin), **tol)
     torch.testing.assert_close(kc[0, :, 7], apply_rope(k.view(KV, HD), cos, sin), **tol)
     assert torch.equal(vc[0, :, 7], v.view(KV, HD))
     keep = torch.ones(L, dtype=torch.bool)
@@ -55,18 +58,59 @@ def test_rope_cache_matches_reference(dtype):
     assert torch.equal(kc[:, :, keep], kc0[:, :, keep]) and torch.equal(vc[:, :, keep], vc0[:, :, keep])
 
 
-@pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("p", [0, 9, L - 1])
-def test_decode_attention_matches_sdpa(window, p):
+@pytest.mark.parametrize("window", [None, 5, 21])
+@pytest.mark.parametrize("p,length", [(0, L), (9, L), (L - 1, L), (0, 100), (7, 100), (8, 100), (63, 100),
+                                      (99, 100)])
+def test_rope_attention_matches_sdpa(window, p, length, monkeypatch):
+    """Attention of the rotated query over the cache rows before `pos` plus the token's own (rotated) k and v, as
+    SDPA computes it over the updated cache with a causal (and sliding-window) mask. With 8 positions per program,
+    the 100-row cache runs up to 13 splits whose partials are combined (split edges at 7/8, 63/64)."""
+    monkeypatch.setattr(td, "ATTN_SPLIT", 8)
     g = torch.Generator().manual_seed(p)
-    q = torch.randn(H * HD, generator=g)
-    kc, vc = torch.randn(1, KV, L, HD, generator=g), torch.randn(1, KV, L, HD, generator=g)
-    y = td.decode_attention(q, kc, vc, torch.tensor([p]), window)
-    j = torch.arange(L)
+    q, k, v = _qkv(torch.float32, g)
+    cos, sin = _rope_tables(torch.float32, g)
+    kc, vc = torch.randn(1, KV, length, HD, generator=g), torch.randn(1, KV, length, HD, generator=g)
+    y = td.rope_attention(q, k, v, cos, sin, torch.tensor([p]), kc, vc, window)
+    y2 = td.rope_attention(q, k, v, cos, sin, torch.tensor([p]), kc, vc, window)  # counters were left at zero
+    assert torch.equal(y, y2)
+    j = torch.arange(length)
     allowed = (j <= p) & ((j > p - window) if window else True)
-    ref = F.scaled_dot_product_attention(q.view(1, H, 1, HD), kc, vc, attn_mask=allowed.view(1, 1, 1, L),
+    qr = apply_rope(q.view(H, HD), cos, sin)
+    ref = F.scaled_dot_product_attention(qr.view(1, H, 1, HD), kc, vc, attn_mask=allowed.view(1, 1, 1, length),
                                          enable_gqa=True)
     torch.testing.assert_close(y.view(H, HD), ref.view(H, HD), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("teal", [False, True])
+def test_gemv_fused_rmsnorm(teal):
+    """`norm=`: the stream kernel's compaction launch, or each split-K program, computes RMSNorm(x) itself: same as
+    the norm, then the kernel."""
+    g = torch.Generator().manual_seed(4)
+    K, seg = 96, (64, 32, 32)
+    x = torch.randn(1, K, generator=g) * 3
+    w_t = torch.randn(K, sum(seg), generator=g) * 0.1
+    gain = torch.rand(K, generator=g) + 0.5
+    scales = None if teal else torch.rand(len(seg), K, generator=g) + 0.5
+    h = tk.rms_norm(x, gain, 1e-5)
+    torch.testing.assert_close(h, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * gain)
+    thr = torch.stack([torch.quantile((h.abs() * (1 if teal else scales[j])).flatten(), 0.5) for j in range(3)])
+    ref = tk.reference_sparse_gemv_segments(h, w_t, thr, seg, scales)
+    for cfg in (dict(algo="stream", block_n=32, rows=4, split=4, compact_ch=32),
+                dict(block_n=32, block_k=16, k_per_split=32, num_warps=1),
+                dict(block_n=32, block_k=16, k_per_split=64, num_warps=1, prefetch=True)):
+        y = tk.sparse_gemv_segments(x, w_t, thr, seg, scales, norm=(gain, 1e-5), config=cfg)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_two_stage_argmax_matches_torch():
+    """The decode loop's greedy token on CUDA: first index of the max, as torch.argmax, also across slices and for
+    ties (a tie inside one slice, and across two slices)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 1000, generator=g).to(torch.bfloat16)
+    x[1, 5] = x[1, 700] = 9.0  # tie across slices
+    x[2, 300] = x[2, 301] = 9.0  # tie inside a slice
+    got = td._argmax_two_stage(x, block=256)
+    assert torch.equal(got, x.argmax(-1, keepdim=True)) and got[1, 0] == 5 and got[2, 0] == 300
 
 
 def test_glu_matches_torch():
@@ -112,14 +156,26 @@ class _Counting:
         return y
 
 
-@pytest.mark.parametrize("sparse", [None, True])
-def test_fused_decode_step_matches_plain_path(sparse):
+@pytest.mark.parametrize("sparse,stream", [(None, False), (True, False), (True, True)])
+def test_fused_decode_step_matches_plain_path(sparse, stream, monkeypatch):
     """Whole decode steps (dense and sparse at calibrated 50 % thresholds) through FusedDecodeStep equal the plain
-    block path in fp32, and the fused step really ran on every block of every step."""
+    block path in fp32, and the fused step really ran on every block of every step. `stream`: q/k/v and gate/up run
+    the stream kernel with the RMSNorm fused into its compaction launch (the GPU's choice for gate/up); otherwise
+    the split-K kernel with the norm computed in each program (dense: over every row for o and down)."""
     hf = wb.synthetic_hf(SMALL, "cpu", torch.float32, layers=2)
     dec = wb.decoder_from_hf(hf)
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
     wb.set_sparsity(dec, wb.calibrate(dec, ids), 0.5)
+    monkeypatch.setattr(td, "ATTN_SPLIT", 8)  # a 22-position cache: attention over up to 3 splits
+    if stream:
+        monkeypatch.setattr(tk, "TUNED", {})
+        d, f = SMALL["hidden_size"], SMALL["intermediate_size"]
+        kv = d // SMALL["num_attention_heads"] * SMALL["num_key_value_heads"]
+        for seg in ((d, kv, kv), (f, f)):
+            tk.set_tuned(1, d, sum(seg), seg, dict(algo="stream", block_n=32, rows=4, split=2), variant="norm")
+    streamed = []
+    real_stream = tk._stream_gemv
+    monkeypatch.setattr(tk, "_stream_gemv", lambda *a: streamed.append(a[-1] is not None) or real_stream(*a))
     outs, calls = {}, []
     for fast in (False, True):
         if fast:
@@ -129,6 +185,7 @@ def test_fused_decode_step_matches_plain_path(sparse):
         outs[fast] = teacher_forced_logits(dec, ids[:, :18], 14, sparse, use_graph=False)
     disable_fast_path(dec)
     assert len(calls) == 2 * 4
+    assert streamed == ([True] * 2 * 2 * 4 if stream else [])  # q/k/v and gate/up, normed, 2 blocks, 4 steps
     assert all(blk.decode_step is None for blk in dec.blocks)
     torch.testing.assert_close(outs[True], outs[False], rtol=1e-4, atol=1e-4)
 
