@@ -28,7 +28,7 @@ def kernel_records(trace_path: str) -> list[tuple[str, float, float]]:
     with open(trace_path) as f:
         ev = json.load(f)["traceEvents"]
     ks = [(e["name"], float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in ev
-          if e.get("cat") == "kernel" or e.get("cat") == "gpu_memcpy" or e.get("cat") == "gpu_memset"]
+          if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     return sorted(ks, key=lambda k: k[1])
 
 
@@ -49,19 +49,20 @@ def profile_decode(dec, prompt, sparse, steps: int) -> dict:
             r.step()
         torch.cuda.synchronize()
     r.close()
-    path = os.path.join(tempfile.mkdtemp(), "trace.json")
-    prof.export_chrome_trace(path)
-    ks = kernel_records(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        ks = kernel_records(path)
     eff = collections.defaultdict(float)
     dur = collections.defaultdict(float)
     calls = collections.Counter()
     prev_end = None
     for name, t0, t1 in ks:
         n = short(name)
-        eff[n] += max(t1 - (prev_end if prev_end is not None else t0), 0.0)
+        eff[n] += max(t1 - (t0 if prev_end is None else prev_end), 0.0)  # idle gaps count as this kernel's
         dur[n] += t1 - t0
         calls[n] += 1
-        prev_end = max(prev_end or t1, t1)
+        prev_end = t1 if prev_end is None else max(prev_end, t1)
     total = (ks[-1][2] - ks[0][1]) if ks else 0.0
     rows = sorted(eff, key=lambda n: -eff[n])
     return {"us_per_token": total / steps,
