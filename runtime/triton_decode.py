@@ -149,7 +149,10 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
                    window: int | None = None) -> torch.Tensor:
     """One decode token's attention in one launch: rotate q [H*d] and k [KV*d] (cos/sin: [1, d] tables of the
     token's position), write rotated k and v into the caches [1, KV, max_len, d] at `pos` (int64 [1] device tensor,
-    CUDA-graph safe), attend over cache positions < pos (and > pos - window) plus the token itself. Returns [H*d]."""
+    CUDA-graph safe), attend over cache positions < pos (and > pos - window) plus the token itself. Returns [H*d].
+    With programmatic dependent launch on, `pos` and the cache rows before it are read before waiting for the
+    previous kernel: they must have been written before the step's first PDL kernel (as in `Decoder.forward`, whose
+    embedding and rotary-table kernels come first)."""
     hd = k_cache.shape[-1]
     n_q, n_kv = q.numel() // hd, k.numel() // hd
     assert k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride() and k_cache.shape[0] == 1
