@@ -16,10 +16,18 @@ import random
 import time
 
 import torch
-from gpu_suite import DEV, FUSED, emit, log, problem
+from gpu_suite import DEV, FUSED, cublas_us, emit, graph_timer, log, problem, timed_sweep
 
 from wina.runtime import bench as wb
 from wina.runtime import triton_kernels as tk
+
+
+def old_stream_config(K: int, N: int) -> dict:
+    """The stream kernel's first default config (before this sweep), for the "old stream default" column."""
+    block_n = 256 if N >= 8192 else 128
+    nblk = -(-N // block_n)
+    split = max(1, min(max(1, K // 64), 1024 // nblk))
+    return dict(algo="stream", block_n=block_n, rows=32, split=split, num_warps=4, num_stages=2)
 
 
 def copy_bw() -> float:
@@ -58,45 +66,29 @@ def candidates(K: int, N: int, rng: random.Random) -> list[dict]:
 
 def sweep(name: str, K: int, N: int, seg: tuple, budget: float, rng: random.Random) -> dict:
     ws, sc, x, thr, out = problem(K, N, seg)
-    wd = [w.t().contiguous() for w in ws]
-    res = {"dense_us": wb._graph_time_us([lambda w=w: torch.nn.functional.linear(x, w, out=out) for w in wd],
-                                         min_calls=128)}
+    res = {"dense_us": cublas_us(ws, x, out)}
     if len(seg) > 1:  # the same GEMV as separate cuBLAS calls (what the own dense decode runs)
-        parts = [[p.contiguous() for p in w.split(list(seg), 0)] for w in wd]
+        parts = [[p.contiguous() for p in w.t().split(list(seg), 0)] for w in ws]
         res["dense_separate_us"] = wb._graph_time_us(
             [lambda ps=ps: [torch.nn.functional.linear(x, p) for p in ps] for ps in parts], min_calls=128)
-    del wd
+        del parts
     ref = tk.reference_sparse_gemv_segments(x.float(), ws[0].float(), thr, seg, sc)
+    timed = graph_timer(ws, lambda w, c: tk.sparse_gemv_segments(x, w, thr, seg, sc, None, out=out, config=c))
 
     def t_cfg(cfg):
         y = tk.sparse_gemv_segments(x, ws[0], thr, seg, sc, None, config=cfg)
         err = ((y.float() - ref).norm() / ref.norm()).item()
-        t = wb._graph_time_us([lambda w=w: tk.sparse_gemv_segments(x, w, thr, seg, sc, None, out=out, config=cfg)
-                               for w in ws], min_calls=128)
-        return t, err
-
-    res["orig_us"], _ = t_cfg(tk.split_k_config(1, K, N))
-    res["old_stream_us"], _ = t_cfg(tk.stream_config(K, N, seg))
-    tuned = []
-    t_end = time.time() + budget
-    for cfg in candidates(K, N, rng):
-        if time.time() > t_end:
-            break
-        try:
-            t, err = t_cfg(cfg)
-        except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
-            log(f"  {name} {cfg} failed: {type(e).__name__}: {str(e)[:80]}")
-            continue
         if not err < 1e-2:
-            log(f"  {name} {cfg} WRONG rel err {err:.3g}")
-            continue
-        tuned.append((t, cfg))
+            raise ValueError(f"WRONG rel err {err:.3g}")
+        return timed(cfg)
+
+    res["orig_us"] = t_cfg(tk.split_k_config(1, K, N))
+    res["old_stream_us"] = t_cfg(old_stream_config(K, N))
+    tuned = timed_sweep(candidates(K, N, rng), t_cfg, budget, name)
     tuned.sort(key=lambda z: z[0])
     for t, cfg in tuned[:5]:
         tk.sparse_gemv_segments(x, ws[0], thr, seg, sc, None, config=cfg)  # lists for phase 2
-        c2 = dict(cfg, skip_compact=True)
-        t2 = wb._graph_time_us([lambda w=w: tk.sparse_gemv_segments(x, w, thr, seg, sc, None, out=out, config=c2)
-                                for w in ws], min_calls=128)
+        t2 = timed(dict(cfg, skip_compact=True))
         log(f"  {name} {t:.2f} us (phase 2 alone {t2:.2f}) {cfg}")
     res["tried"] = len(tuned)
     res["top"] = [(round(t, 2), c) for t, c in tuned[:10]]

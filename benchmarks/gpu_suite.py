@@ -120,14 +120,14 @@ def check_kernels() -> int:
                 bad += 1
                 log(f"  MISMATCH norm K={K} N={N} cfg={cfg}: err {err:.3g} tol {tol:.3g}")
     # the decode loop's greedy token (two-stage argmax over a Llama-3 vocabulary)
-    from wina.runtime import triton_decode as td
+    from wina.runtime.decode import greedy_token
 
     for trial in range(3):
         lg = torch.randn(1, 128256, device=DEV, dtype=torch.bfloat16)
         if trial:
             lg[0, 1000 * trial] = lg[0, 127000] = 50.0  # a tie across slices: the first index wins
         n += 1
-        if not torch.equal(td.greedy_token(lg), lg.argmax(-1, keepdim=True)):
+        if not torch.equal(greedy_token(lg), lg.argmax(-1, keepdim=True)):
             bad += 1
             log(f"  MISMATCH greedy_token trial {trial}")
     log(f"kernel checks: {n - bad}/{n} ok")
@@ -259,30 +259,50 @@ def problem(K: int, N: int, seg: tuple, norm: torch.Tensor | None = None):
     return ws, sc, x, thr, torch.empty(1, N, device=DEV, dtype=torch.bfloat16)
 
 
+def timed_sweep(cands: list[dict], timer, budget_s: float, label: str) -> list[tuple[float, dict]]:
+    """(timer(cfg), cfg) for the candidates in order until `budget_s` is spent (at least one); a config whose timer
+    raises (does not compile, or a wrong result) is logged and skipped."""
+    t_end = time.time() + budget_s
+    timings = []
+    for cfg in cands:
+        if timings and time.time() > t_end:
+            break
+        try:
+            timings.append((timer(cfg), cfg))
+        except Exception as e:  # noqa: BLE001
+            log(f"  {label} {cfg} skipped: {type(e).__name__}: {str(e)[:100]}")
+    return timings
+
+
+def graph_timer(ws: list, call):
+    """A `timed_sweep` timer: CUDA-graph us of call(w, cfg) cycling over the rotating weight copies."""
+    return lambda cfg: wb._graph_time_us([lambda w=w: call(w, cfg) for w in ws], min_calls=128)
+
+
+def cublas_us(ws: list, x: torch.Tensor, out: torch.Tensor, prep=None) -> float:
+    """Dense cuBLAS GEMV (HF-layout copies of the rotating weights); `prep(x)` (e.g. a norm) runs inside each call."""
+    wd = [w.t().contiguous() for w in ws]
+    t = wb._graph_time_us([lambda w=w: torch.nn.functional.linear(x if prep is None else prep(x), w, out=out)
+                           for w in wd], min_calls=128)
+    del wd
+    return t
+
+
+def time_of(timings: list, cfg: dict) -> float:
+    return next((t for t, c in timings if c is cfg), float("nan"))
+
+
 def tune(budget_s: float) -> dict:
     results = {}
     for name, (K, N, seg) in FUSED.items():
-        t_end = time.time() + budget_s / len(FUSED)
         ws, sc, x, thr, out = problem(K, N, seg)
-        wd = [w.t().contiguous() for w in ws]  # HF layout for the dense baseline
-        dense = wb._graph_time_us([lambda w=w: torch.nn.functional.linear(x, w, out=out) for w in wd], min_calls=128)
-        del wd
+        dense = cublas_us(ws, x, out)
         cands = [dict(tk.pick_config(1, K, N, seg))] + tune_grid(K, N)
-        timings = []
-        for cfg in cands:
-            if timings and time.time() > t_end:
-                break
-            try:
-                t = wb._graph_time_us([lambda w=w, c=cfg: tk.sparse_gemv_segments(x, w, thr, seg, sc, None, out=out,
-                                                                                   config=c) for w in ws],
-                                      min_calls=128)
-            except Exception as e:  # a config that fails to compile is skipped
-                log(f"  {name} cfg {cfg} failed: {type(e).__name__}: {str(e)[:100]}")
-                continue
-            timings.append((t, cfg))
+        timings = timed_sweep(cands, graph_timer(ws, lambda w, c: tk.sparse_gemv_segments(
+            x, w, thr, seg, sc, None, out=out, config=c)), budget_s / len(FUSED), name)
+        base_t = time_of(timings, cands[0])
         timings.sort(key=lambda z: z[0])
         best_t, best = timings[0]
-        base_t = next((t for t, c in timings if c is cands[0]), float("nan"))
         tk.set_tuned(1, K, N, seg, best)
         results[name] = {"dense_us": dense, "ideal_us": 0.5 * dense, "orig_kernel_us": base_t, "best_us": best_t,
                          "best_cfg": best, "tried": len(timings),
@@ -313,38 +333,25 @@ def tune_norm(name: str, budget_s: float) -> dict:
     and the stream configs with the norm fused (CUDA graph), registers the fastest for `norm=` calls, and times the
     dense side both ways (norm + cuBLAS; the split-K kernel over every row with the norm inside)."""
     K, N, seg = FUSED[name]
-    t_end = time.time() + budget_s
     gain = (torch.rand(K, device=DEV) + 0.5).to(torch.bfloat16)
     ws, sc, x, thr, out = problem(K, N, seg, norm=gain)
-    wd = [w.t().contiguous() for w in ws]
-    dense = wb._graph_time_us([lambda w=w: torch.nn.functional.linear(tk.rms_norm(x, gain, NORM_EPS), w, out=out)
-                               for w in wd], min_calls=128)
-    del wd
+    dense = cublas_us(ws, x, out, prep=lambda v: tk.rms_norm(v, gain, NORM_EPS))
     unfused_cfg = tk.TUNED.get((1, K, N, seg, "sparse")) or tk.pick_config(1, K, N, seg, x.device)
-
-    def run(w, c, fused):
-        if fused:
-            return tk.sparse_gemv_segments(x, w, thr, seg, sc, None, out=out, config=c, norm=(gain, NORM_EPS))
-        return tk.sparse_gemv_segments(tk.rms_norm(x, gain, NORM_EPS), w, thr, seg, sc, None, out=out, config=c)
-
-    unfused = wb._graph_time_us([lambda w=w: run(w, unfused_cfg, False) for w in ws], min_calls=128)
+    unfused = graph_timer(ws, lambda w, c: tk.sparse_gemv_segments(tk.rms_norm(x, gain, NORM_EPS), w, thr, seg, sc,
+                                                                   None, out=out, config=c))(unfused_cfg)
     # the unfused winner with the norm fused in (split-K: each program computes 1/rms; stream: the compaction
     # launch), then the stream configs
     cands = [dict(unfused_cfg)] + [c for c in tune_grid(K, N, seed=1) if c.get("algo") == "stream"]
-    timings = []
-    for cfg in cands:
-        if timings and time.time() > t_end:
-            break
-        timings.append((wb._graph_time_us([lambda w=w, c=cfg: run(w, c, True) for w in ws], min_calls=128), cfg))
+    timings = timed_sweep(cands, graph_timer(ws, lambda w, c: tk.sparse_gemv_segments(
+        x, w, thr, seg, sc, None, out=out, config=c, norm=(gain, NORM_EPS))), budget_s, name + "+norm")
+    default_t = time_of(timings, cands[0])
     timings.sort(key=lambda z: z[0])
     best_t, best = timings[0]
-    default_t = next(t for t, c in timings if c is cands[0])
     tk.set_tuned(1, K, N, seg, best, variant="norm")
     # a dense alternative: the split-K kernel over every row with the norm in it (the decode step's dense side
     # runs norm + cuBLAS)
-    dense_kernel = wb._graph_time_us([lambda w=w: tk.sparse_gemv_segments(x, w, thr, seg, out=out, all_rows=True,
-                                                                          norm=(gain, NORM_EPS)) for w in ws],
-                                     min_calls=128)
+    dense_kernel = graph_timer(ws, lambda w, c: tk.sparse_gemv_segments(x, w, thr, seg, out=out, all_rows=True,
+                                                                        norm=(gain, NORM_EPS)))(None)
     log(f"tune {name}+norm: dense (norm + cuBLAS) {dense:.1f} us (split-K kernel, every row, norm fused "
         f"{dense_kernel:.1f}), sparse: norm launch + GEMV {unfused:.1f}, same config norm fused {default_t:.1f}, "
         f"best {best_t:.1f} ({len(timings)} tried) {best}")
@@ -359,24 +366,16 @@ def tune_dense(name: str, budget_s: float) -> dict:
     """The dense decode step runs o and down through the split-K kernel over every row (residual and, for down,
     silu·mul fused): time split-K configs for that against cuBLAS and register the fastest ("all_rows")."""
     K, N, seg = FUSED[name]
-    t_end = time.time() + budget_s
     ws, sc, x, thr, out = problem(K, N, seg)
     glu = name == "down"
     xin = torch.randn(1, 2 * K, device=DEV, dtype=torch.bfloat16) if glu else x
     res = torch.randn(1, N, device=DEV, dtype=torch.bfloat16)
-    wd = [w.t().contiguous() for w in ws]
-    cublas = wb._graph_time_us([lambda w=w: torch.nn.functional.linear(x, w, out=out) for w in wd], min_calls=128)
-    del wd
+    cublas = cublas_us(ws, x, out)
     cands = [tk.dense_config(1, K, N)] + [c for c in tune_grid(K, N, seed=2)
                                             if c.get("algo") != "stream" and c["block_n"] < 512]
-    timings = []
-    for cfg in cands:
-        if timings and time.time() > t_end:
-            break
-        timings.append((wb._graph_time_us([lambda w=w, c=cfg: tk.sparse_gemv_segments(
-            xin, w, thr, seg, out=out, config=c, residual=res, glu=glu, all_rows=True) for w in ws], min_calls=128),
-            cfg))
-    default_t = timings[0][0]
+    timings = timed_sweep(cands, graph_timer(ws, lambda w, c: tk.sparse_gemv_segments(
+        xin, w, thr, seg, out=out, config=c, residual=res, glu=glu, all_rows=True)), budget_s, name + " dense")
+    default_t = time_of(timings, cands[0])
     timings.sort(key=lambda z: z[0])
     best_t, best = timings[0]
     tk.set_tuned(1, K, N, seg, best, variant="all_rows")

@@ -13,7 +13,6 @@ import time
 import torch
 
 from .sparse import SparseSpec
-from .triton_decode import greedy_token
 
 
 class DecodeRunner:
@@ -105,6 +104,18 @@ def teacher_forced_logits(decoder, ids: torch.Tensor, prompt_len: int, sparse: S
     finally:
         r.close()
     return torch.stack(out)
+
+
+def greedy_token(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the vocabulary, [B, V] -> [B, 1]. On CUDA, wide rows take the two-stage Triton argmax: torch's
+    single-row argmax over a 128k vocabulary is one ~36 us kernel per token on an H200 (benchmarks/gpu_profile.py).
+    Triton is imported only there (importing it costs ~0.25 s on the CPU machine)."""
+    if logits.is_cuda and logits.shape[1] >= 16384 and logits.is_contiguous():
+        from . import triton_decode as td
+
+        if td.HAVE_TRITON:
+            return td.argmax_two_stage(logits)
+    return logits.argmax(-1, keepdim=True)
 
 
 def _sync(dev) -> None:

@@ -288,8 +288,9 @@ class CpuDecodeStep(_DecodeStep):
 def _linear_residual(lin: SparseLinear, x2: torch.Tensor, residual: torch.Tensor, sparse: SparseSpec,
                      glu: bool = False) -> torch.Tensor:
     """residual + lin(x2) for one decode row (x2 = [gate | up] with `glu`): the Triton split-K kernel with both
-    fused, sparse or (dense) over every row; cuBLAS where there is no kernel. (cuBLAS addmm would cost a copy of the
-    residual and a split-K reduction launch, and silu·mul a launch of its own: ~8 us per layer at 8B shape.)"""
+    fused, sparse or (dense) over every row; cuBLAS where there is no kernel. (cuBLAS addmm costs a copy of the
+    residual and a split-K reduction launch, and silu·mul a launch of its own: 3.4 + 4.2 + 2.2 us per layer at the
+    8B shape on an H200, benchmarks/gpu_profile.py, 2026-11-29.)"""
     if isinstance(lin.kernel, _GpuKernel):
         return lin.kernel.run(lin, x2, residual=residual, glu=glu, dense=not (sparse and lin.active))
     if glu:

@@ -7,7 +7,8 @@
   combines (flash-decoding); the token's own k/v come from registers, so the program that writes its cache row races
   with nobody;
 - `glu`: silu(gate) * up in one launch (the dense path; the sparse down kernel computes it on the fly);
-- `greedy_token`: the argmax over a large vocabulary in two short stages instead of one slow single-row reduction.
+- `argmax_two_stage`: the argmax over a large vocabulary in two short stages instead of one slow single-row
+  reduction (the decode loop's greedy token on CUDA).
 
 Numerics follow the torch reference (runtime/model.py): rope products and the sum rounded to the activation dtype
 like transformers' `x * cos + rotate_half(x) * sin`; attention in fp32 like SDPA's math path, output rounded once.
@@ -182,17 +183,9 @@ def _attn_workspace(device, n_q: int, nsplit: int, hd: int):
     return _ATTN_WS[key]
 
 
-def greedy_token(logits: torch.Tensor) -> torch.Tensor:
-    """argmax over the vocabulary, [B, V] -> [B, 1] (first index of the max, as torch, for logits without NaN; torch
-    would pick a NaN). On CUDA, wide rows take a
-    two-stage reduction (Triton over 4096-wide slices, then torch over their maxima): torch's single-row argmax over
-    a 128k vocabulary is one ~36 us kernel per token on an H200 (gpu_profile.py)."""
-    if not (logits.is_cuda and HAVE_TRITON) or logits.shape[1] < 16384 or not logits.is_contiguous():
-        return logits.argmax(-1, keepdim=True)
-    return _argmax_two_stage(logits)
-
-
-def _argmax_two_stage(logits: torch.Tensor, block: int = 4096) -> torch.Tensor:
+def argmax_two_stage(logits: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """argmax over [B, V] -> [B, 1] in two short stages (Triton over `block`-wide slices, then torch over their
+    maxima): first index of the max, as torch, for logits without NaN (torch would pick a NaN)."""
     B, V = logits.shape
     npart = triton.cdiv(V, block)
     val = torch.empty(B, npart, dtype=torch.float32, device=logits.device)  # ties: the first slice, first index

@@ -62,7 +62,6 @@ __all__ = [
     "pick_config",
     "split_k_config",
     "dense_config",
-    "stream_config",
     "set_tuned",
 ]
 
@@ -129,6 +128,29 @@ if HAVE_TRITON:
         return (s * u.to(tl.float32)).to(dtype)
 
     @triton.jit
+    def _round_thr(t, x_ptr, HAS_SCALE: tl.constexpr):
+        """The threshold as torch compares it: without scales, |x| (x.dtype) against the threshold rounded to
+        x.dtype (bf16: explicit round-to-nearest-even, which the CPU interpreter's casts would truncate)."""
+        if not HAS_SCALE:
+            if x_ptr.dtype.element_ty == tl.bfloat16:
+                bits = t.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                t = bits.to(tl.float32, bitcast=True)
+            else:
+                t = t.to(x_ptr.dtype.element_ty).to(tl.float32)
+        return t
+
+    @triton.jit
+    def _inv_rms(xf, D, eps):
+        """1 / sqrt(mean(x^2) + eps) of a whole fp32 row (runtime.model.RMSNorm's statistics)."""
+        return 1.0 / tl.sqrt_rn(tl.sum(xf * xf, 0) / D + eps)
+
+    @triton.jit
+    def _normed(xf, gw, r, dt):
+        """RMSNorm's output with its roundings: x * r rounded to dt, times the gain, rounded to dt."""
+        return (gw * (xf * r).to(dt).to(tl.float32)).to(dt)
+
+    @triton.jit
     def _load_x1(x_ptr, scale_ptr, seg, K, offs_k, k_hi, HAS_SCALE: tl.constexpr, GLU: tl.constexpr, norm_ptr, r,
                  HAS_NORM: tl.constexpr):
         k_in = offs_k < k_hi
@@ -138,10 +160,9 @@ if HAVE_TRITON:
             xr = _glu(g, u, x_ptr.dtype.element_ty)
         else:
             xr = tl.load(x_ptr + offs_k, mask=k_in, other=0.0)
-        if HAS_NORM:  # RMSNorm(x) with `_rmsnorm_kernel`'s roundings (r: 1 / rms of the whole row)
-            dt = x_ptr.dtype.element_ty
+        if HAS_NORM:  # RMSNorm(x) (r: 1 / rms of the whole row)
             gw = tl.load(norm_ptr + offs_k, mask=k_in, other=0.0).to(tl.float32)
-            xr = (gw * (xr.to(tl.float32) * r).to(dt).to(tl.float32)).to(dt)
+            xr = _normed(xr.to(tl.float32), gw, r, x_ptr.dtype.element_ty)
         if HAS_SCALE:
             sr = tl.load(scale_ptr + seg * K + offs_k, mask=k_in, other=0.0)
         else:
@@ -228,22 +249,12 @@ if HAVE_TRITON:
             seg = tl.load(blkseg_ptr + pid_n)
         else:
             seg = 0
-        t = tl.load(thr_ptr + seg).to(tl.float32)
+        t = _round_thr(tl.load(thr_ptr + seg).to(tl.float32), x_ptr, HAS_SCALE)
         _pdl_wait(USE_PDL)  # the segment map and threshold above are static: their loads overlap the previous kernel
         r = 1.0
         if HAS_NORM:  # every program needs 1 / rms of the whole row (8 KB from L2 at 4096 wide): no norm launch
             row = tl.arange(0, BLOCK_ROW)
-            xa = tl.load(x_ptr + row, mask=row < K, other=0.0).to(tl.float32)
-            r = 1.0 / tl.sqrt_rn(tl.sum(xa * xa, 0) / K + eps)
-        if not HAS_SCALE:
-            # torch compares |x| (x.dtype) with the threshold rounded to x.dtype.
-            if x_ptr.dtype.element_ty == tl.bfloat16:
-                # explicit round-to-nearest-even (the CPU interpreter truncates)
-                bits = t.to(tl.uint32, bitcast=True)
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                t = bits.to(tl.float32, bitcast=True)
-            else:
-                t = t.to(x_ptr.dtype.element_ty).to(tl.float32)
+            r = _inv_rms(tl.load(x_ptr + row, mask=row < K, other=0.0).to(tl.float32), K, eps)
 
         k_lo = pid_k * K_PER_SPLIT
         w_cols = w_ptr + offs_n[None, :]
@@ -458,12 +469,15 @@ def _blkseg(device, seg_sizes: tuple, block_n: int):
     return t
 
 
+_NO_THR_CACHE = {}
+
+
 def _no_thresholds(device, nseg: int) -> torch.Tensor:
     """-inf per segment, cached on the device (a fresh host tensor per call would be a copy, and not capturable)."""
-    key = (device, nseg, "-inf")
-    if key not in _BLKSEG_CACHE:
-        _BLKSEG_CACHE[key] = torch.full((nseg,), float("-inf"), dtype=torch.float32, device=device)
-    return _BLKSEG_CACHE[key]
+    key = (device, nseg)
+    if key not in _NO_THR_CACHE:
+        _NO_THR_CACHE[key] = torch.full((nseg,), float("-inf"), dtype=torch.float32, device=device)
+    return _NO_THR_CACHE[key]
 
 
 def _as_f32_vec(v, n, device):
@@ -660,17 +674,6 @@ def sparse_gemv(
 if HAVE_TRITON:
 
     @triton.jit
-    def _round_thr(t, x_ptr, HAS_SCALE: tl.constexpr):
-        if not HAS_SCALE:
-            if x_ptr.dtype.element_ty == tl.bfloat16:
-                bits = t.to(tl.uint32, bitcast=True)
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                t = bits.to(tl.float32, bitcast=True)
-            else:
-                t = t.to(x_ptr.dtype.element_ty).to(tl.float32)
-        return t
-
-    @triton.jit
     def _compact_kernel(x_ptr, thr_ptr, scale_ptr, idx_ptr, xv_ptr, cnt_ptr, K, NCHUNK, norm_ptr, eps,
                         HAS_SCALE: tl.constexpr, CH: tl.constexpr, HAS_NORM: tl.constexpr = False,
                         BLOCK_ROW: tl.constexpr = 16, USE_PDL: tl.constexpr = False):
@@ -691,10 +694,8 @@ if HAVE_TRITON:
         xv = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         if HAS_NORM:
             row = tl.arange(0, BLOCK_ROW)
-            xa = tl.load(x_ptr + row, mask=row < K, other=0.0).to(tl.float32)
-            r = 1.0 / tl.sqrt_rn(tl.sum(xa * xa, 0) / K + eps)
-            dt = x_ptr.dtype.element_ty
-            xv = (gw * (xv * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+            r = _inv_rms(tl.load(x_ptr + row, mask=row < K, other=0.0).to(tl.float32), K, eps)
+            xv = _normed(xv, gw, r, x_ptr.dtype.element_ty).to(tl.float32)
         if HAS_SCALE:
             act = (tl.abs(xv) * sc >= t) & m
         else:
@@ -789,14 +790,6 @@ def _active_lists(device, nseg: int, K: int, nchunk: int = 1):
     return t
 
 
-def stream_config(K: int, N: int, seg_sizes=None) -> dict:
-    """Default launch config of the two-phase batch-1 path (overridable via `config`)."""
-    block_n = 256 if N >= 8192 else 128
-    nblk = -(-N // block_n)
-    split = max(1, min(max(1, K // 64), 1024 // nblk))
-    return dict(algo="stream", block_n=block_n, rows=32, split=split, num_warps=4, num_stages=2)
-
-
 def _stream_gemv(x, w_t, thr, seg_sizes, scales, bias, out, cfg, norm=None):
     B, K = x.shape
     N = w_t.shape[1]
@@ -858,9 +851,7 @@ if HAVE_TRITON:
         w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
         _pdl_wait(USE_PDL)
         x = tl.load(x_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32)
-        r = 1.0 / tl.sqrt_rn(tl.sum(x * x, 0) / D + eps)
-        xn = (x * r).to(y_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(y_ptr + row * D + offs, (w * xn).to(y_ptr.dtype.element_ty), mask=m)
+        tl.store(y_ptr + row * D + offs, _normed(x, w, _inv_rms(x, D, eps), y_ptr.dtype.element_ty), mask=m)
 
 
 def _norm_warps(D: int) -> int:

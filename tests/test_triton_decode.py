@@ -109,7 +109,7 @@ def test_two_stage_argmax_matches_torch():
     x = torch.randn(3, 1000, generator=g).to(torch.bfloat16)
     x[1, 5] = x[1, 700] = 9.0  # tie across slices
     x[2, 300] = x[2, 301] = 9.0  # tie inside a slice
-    got = td._argmax_two_stage(x, block=256)
+    got = td.argmax_two_stage(x, block=256)
     assert torch.equal(got, x.argmax(-1, keepdim=True)) and got[1, 0] == 5 and got[2, 0] == 300
 
 
