@@ -353,6 +353,8 @@ def main():
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--tune-batches", default="1,2,4")
     ap.add_argument("--bench-tuned", action="store_true", help="table uses the configs --tune found, not pick_config")
+    ap.add_argument("--batches", default="", help="table for these batch sizes only (e.g. 1,2,4,8)")
+    ap.add_argument("--sparsities", default="", help="table at these sparsities only (e.g. 0.5)")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     import triton
@@ -372,10 +374,12 @@ def main():
         for k, c in sorted(TUNED.items()):
             print(f"  B={k[0]} K={k[1]} N={k[2]}: {cfg_str(c)}")
     if not args.no_bench:
-        if args.quick:
-            bench(batches=(1,), sparsities=(0.0, 0.5))
-        else:
-            bench()
+        kw = dict(batches=(1,), sparsities=(0.0, 0.5)) if args.quick else {}
+        if args.batches:
+            kw["batches"] = tuple(int(b) for b in args.batches.split(","))
+        if args.sparsities:
+            kw["sparsities"] = tuple(float(v) for v in args.sparsities.split(","))
+        bench(**kw)
     print(f"total {time.time() - t0:.0f}s; correctness {'OK' if ok else 'FAILED'}")
 
 

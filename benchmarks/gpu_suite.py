@@ -9,13 +9,14 @@
    path on a small random Llama in fp32, dense and sparse (logits); dense logits of this repo's decoder vs
    transformers'; generate() vs transformers' greedy; the cost of one launch in a graph;
 2. tuning (skipped with --no-tune, i.e. the defaults `wina bench` runs): per fused matrix (qkv, o, gate_up, down)
-   at batch 1, s = 0.5, CUDA-graph time of the default config and a random sample of split-K and stream configs;
+   at batch 1, s = 0.5, CUDA-graph time of the default config, its evict-first variant, short-slice split-K configs
+   (`latency_grid`) and a random sample of split-K and stream configs;
    the same for q/k/v and gate/up with their RMSNorm inside, and for the dense o and down through the kernel; the
    fastest of each is registered (`set_tuned`);
 3. `wina bench --synthetic llama3-8b` logic: per-matrix and per-layer sparse / dense / ideal at s in
    {0, .25, .4, .5, .65} and end-to-end decode tok/s (own dense, own sparse, transformers static dense);
-4. acceptance lines, with --profile the per-kernel profile of decode (gpu_profile.py), and one JSON line (also
-   written to $OUT/gpu_suite.json when OUT is set).
+4. acceptance lines; with --long-context the same decode after long prompts; with --profile the per-kernel profile
+   of decode (gpu_profile.py); one JSON line (also written to $OUT/gpu_suite.json when OUT is set).
 """
 
 from __future__ import annotations
@@ -119,6 +120,33 @@ def check_kernels() -> int:
             if not err <= tol:
                 bad += 1
                 log(f"  MISMATCH norm K={K} N={N} cfg={cfg}: err {err:.3g} tol {tol:.3g}")
+    # the sparse decode step's MLP (`sparse_mlp`): gate/up's last programs list down's active channels, down
+    # streams them; twice (self-resetting pair counters)
+    K, H = 4096, 14336
+    for teal in (False, True):
+        x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16) * 3
+        gain = (torch.rand(K, device=DEV) + 0.5).to(torch.bfloat16)
+        w_gu = torch.randn(K, 2 * H, device=DEV, dtype=torch.bfloat16) * 0.02
+        w_d = torch.randn(H, K, device=DEV, dtype=torch.bfloat16) * 0.02
+        s_gu = None if teal else torch.rand(2, K, device=DEV) + 0.5
+        s_d = None if teal else torch.rand(H, device=DEV) + 0.5
+        res = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
+        h = tk.rms_norm(x, gain, NORM_EPS)
+        t_gu = torch.stack([torch.quantile((h.float().abs() * (1 if teal else s_gu[j])).flatten(), 0.5)
+                            for j in range(2)])
+        gu = tk.reference_sparse_gemv_segments(h, w_gu, t_gu, (H, H), s_gu)
+        act = torch.nn.functional.silu(gu[:, :H]) * gu[:, H:]
+        t_d = torch.quantile((act.float().abs() * (1 if teal else s_d)).flatten(), 0.5).reshape(1)
+        ref = res.float() + tk.reference_sparse_gemv(act.float(), w_d.float(), t_d, s_d)
+        ref_lp = res + tk.reference_sparse_gemv(act, w_d, t_d, s_d)
+        tol = 2 * (ref_lp.float() - ref).abs().max().item() + 1e-3 * ref.abs().max().item() + 1e-3
+        for _ in range(2):
+            y = tk.sparse_mlp(x, w_gu, t_gu, (H, H), s_gu, None, (gain, NORM_EPS), w_d, t_d, s_d, res)
+            err = float("inf") if y is None else (y.float() - ref).abs().max().item()
+            n += 1
+            if not err <= tol:
+                bad += 1
+                log(f"  MISMATCH sparse_mlp teal={teal}: err {err:.3g} tol {tol:.3g}")
     # the decode loop's greedy token (two-stage argmax over a Llama-3 vocabulary)
     from wina.runtime.decode import greedy_token
 
@@ -217,7 +245,7 @@ def tune_grid(K, N, seed: int = 0):
     two-phase stream kernel (wide column blocks, few rows: the region benchmarks/gpu_explore.py found best)."""
     import random
 
-    out = []
+    out = latency_grid(seed)
     for bn in (64, 128):
         for bk in (16, 32, 64):
             for kps in (128, 256, 512, 1024):
@@ -241,6 +269,25 @@ def tune_grid(K, N, seed: int = 0):
                                     num_stages=2, prefetch=True))
     random.Random(seed).shuffle(out)
     return out
+
+
+def latency_grid(seed: int = 0) -> list[dict]:
+    """Split-K configs aimed at the kernels' fixed cost (the x -> mask -> row-load chain): short K slices (down
+    to one step per program), narrow tiles, and Triton's own software pipelining (num_stages > 1) with and without
+    the hand prefetch; in random order, tried first."""
+    import random
+
+    out = [dict(block_n=bn, block_k=bk, k_per_split=kps, num_warps=1, num_stages=st, prefetch=pf)
+           for bn in (32, 64) for bk in (16, 32) for kps in (32, 64, 128, 256) for st in (1, 3)
+           for pf in (False, True) if kps >= bk]
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def with_evict(cfg: dict) -> list[dict]:
+    """The split-K config with its weight loads marked evict-first (activations, partial sums and counters then
+    stay in L2 while 14 GB of weights stream through it), as a candidate; [] for the stream kernel."""
+    return [] if cfg.get("algo") == "stream" else [dict(cfg, evict=True)]
 
 
 NORM_EPS = 1e-5
@@ -297,7 +344,8 @@ def tune(budget_s: float) -> dict:
     for name, (K, N, seg) in FUSED.items():
         ws, sc, x, thr, out = problem(K, N, seg)
         dense = cublas_us(ws, x, out)
-        cands = [dict(tk.pick_config(1, K, N, seg))] + tune_grid(K, N)
+        default = dict(tk.pick_config(1, K, N, seg))
+        cands = [default] + with_evict(default) + tune_grid(K, N)
         timings = timed_sweep(cands, graph_timer(ws, lambda w, c: tk.sparse_gemv_segments(
             x, w, thr, seg, sc, None, out=out, config=c)), budget_s / len(FUSED), name)
         base_t = time_of(timings, cands[0])
@@ -341,7 +389,8 @@ def tune_norm(name: str, budget_s: float) -> dict:
                                                                    None, out=out, config=c))(unfused_cfg)
     # the unfused winner with the norm fused in (split-K: each program computes 1/rms; stream: the compaction
     # launch), then the stream configs
-    cands = [dict(unfused_cfg)] + [c for c in tune_grid(K, N, seed=1) if c.get("algo") == "stream"]
+    cands = [dict(unfused_cfg)] + with_evict(unfused_cfg) + latency_grid(seed=1) + [
+        c for c in tune_grid(K, N, seed=1) if c.get("algo") == "stream"]
     timings = timed_sweep(cands, graph_timer(ws, lambda w, c: tk.sparse_gemv_segments(
         x, w, thr, seg, sc, None, out=out, config=c, norm=(gain, NORM_EPS))), budget_s, name + "+norm")
     default_t = time_of(timings, cands[0])
@@ -371,7 +420,7 @@ def tune_dense(name: str, budget_s: float) -> dict:
     xin = torch.randn(1, 2 * K, device=DEV, dtype=torch.bfloat16) if glu else x
     res = torch.randn(1, N, device=DEV, dtype=torch.bfloat16)
     cublas = cublas_us(ws, x, out)
-    cands = [tk.dense_config(1, K, N)] + [c for c in tune_grid(K, N, seed=2)
+    cands = [tk.dense_config(1, K, N)] + with_evict(tk.dense_config(1, K, N)) + [c for c in tune_grid(K, N, seed=2)
                                             if c.get("algo") != "stream" and c["block_n"] < 512]
     timings = timed_sweep(cands, graph_timer(ws, lambda w, c: tk.sparse_gemv_segments(
         xin, w, thr, seg, out=out, config=c, residual=res, glu=glu, all_rows=True)), budget_s, name + " dense")
@@ -403,6 +452,32 @@ def launch_chain_us() -> dict:
     return res
 
 
+def long_context(lengths: list[int], tokens: int) -> dict:
+    """Own dense vs own sparse decode tok/s after long prompts (attention then reads the whole KV cache, split over
+    the context in 128-position programs), on the same synthetic Llama-3-8B at s = 0.5; the cache stays within
+    the fused decode step's limit (`FUSED_DECODE_MAX_CACHE`)."""
+    from wina.runtime.kernels import FUSED_DECODE_MAX_CACHE
+
+    hf = wb.synthetic_hf(wb.LLAMA3_8B, DEV, torch.bfloat16)
+    dec = wb.decoder_from_hf(hf)
+    del hf
+    g = torch.Generator().manual_seed(1)
+    wb.set_sparsity(dec, wb.calibrate(dec, torch.randint(0, 128256, (1, 64), generator=g).to(DEV)), 0.5)
+    enable_fast_path(dec)
+    out = {}
+    for n in lengths:
+        n = min(n, FUSED_DECODE_MAX_CACHE - tokens - 8)
+        prompt = torch.randint(0, 128256, (1, n), generator=g).to(DEV)
+        r = wb.e2e(dec, prompt, tokens, rounds=2)
+        out[str(n)] = {k: r[k] for k in ("dense_tok_s", "sparse_tok_s", "sparse_over_dense")}
+        log(f"context {n} + {tokens}: own dense {r['dense_tok_s']:.1f} tok/s, own sparse {r['sparse_tok_s']:.1f} "
+            f"({r['sparse_over_dense']:.2f}x)")
+    disable_fast_path(dec)
+    del dec
+    torch.cuda.empty_cache()
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 def main():
     ap = argparse.ArgumentParser()
@@ -410,8 +485,10 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--hf-eager", action="store_true", help="transformers baseline without its torch.compile")
+    ap.add_argument("--no-hf", action="store_true", help="no transformers baseline (saves its ~40 s compile)")
     ap.add_argument("--profile", action="store_true", help="then per-kernel profile of decode (gpu_profile.py)")
     ap.add_argument("--no-tune", action="store_true", help="skip the sweep: default configs, as `wina bench` runs")
+    ap.add_argument("--long-context", default="", help="comma-separated prompt lengths: decode after long prompts")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
@@ -424,7 +501,7 @@ def main():
     if not args.no_tune:
         res["tune"] = tune(args.tune_budget)
     bench = wb.run_bench(synthetic="llama3-8b", device=DEV, dtype="bfloat16", sparsity=0.5, tokens=args.tokens,
-                         hf_compile=not args.hf_eager, log=log)
+                         hf_compile=not args.hf_eager, skip_hf=args.no_hf, log=log)
     res["bench"] = bench  # bench["no_pdl"]: the same decode loop without programmatic dependent launch
     lay = bench["layer"]["0.5"]
     acc = {
@@ -439,6 +516,8 @@ def main():
     log(f"ACCEPTANCE e2e: own sparse {bench['sparse_tok_s']:.1f} tok/s, own dense {bench['dense_tok_s']:.1f} "
         f"({bench['sparse_over_dense']:.2f}x, need 1.6), HF static {bench.get('hf_static_tok_s', float('nan')):.1f} "
         f"({bench.get('sparse_over_hf', float('nan')):.2f}x, need 2.5)")
+    if args.long_context:
+        res["long_context"] = long_context([int(n) for n in args.long_context.split(",")], args.tokens)
     if args.profile:
         import gpu_profile
 

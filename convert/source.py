@@ -125,7 +125,9 @@ def _open_gguf(path: Path) -> Source:
     except Exception as e:
         raise WinaError(f"{path}: cannot read GGUF ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     arch = _check_arch(config, str(path))
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    # the parsed config goes in: each GGUF parse costs ~7 s on SmolLM2 (its vocabulary is metadata), and the model
+    # load would otherwise parse the file once more for it (24.5 -> 16.2 s here)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32, config=config)
     state = model.state_dict()
     if config.tie_word_embeddings:
         state.pop(arch.lm_head, None)

@@ -29,10 +29,11 @@ from . import cpu_kernels
 from .cpu_kernels import NONE
 from .sparse import SparseLinear, SparseSpec
 
-# Largest number of token rows the fast GPU path takes; larger batches run the reference (masked dense matmul).
-# The kernel itself handles B > 1 (it reads the union of the rows' active channels; tested), but with independent
-# masks at s = 0.5 that union is already ~75 % of the rows at B = 2 and ~94 % at B = 4, and its speed against
-# cuBLAS at B > 1 has not been recorded (benchmarks/gpu_kernels.py times it).
+# Largest number of token rows the fast GPU path takes; larger batches run the reference (masked dense matmul), i.e.
+# dense. The kernel itself handles B > 1 (it reads the union of the rows' active channels; tested), but with
+# independent masks at s = 0.5 that union is ~75 % of the rows at B = 2 and ~94 % at B = 4, and on an H200 the
+# kernel then loses to cuBLAS: per Llama-3-8B layer 145.5 vs 119.7 us at B = 2, 144.6 vs 123.7 at B = 4
+# (benchmarks/gpu_kernels.py, docs/BENCHMARKS.md, session 5).
 GPU_MAX_ROWS = 1
 
 
@@ -169,18 +170,25 @@ class FusedSparseLinear(nn.Module):
             return x2 @ self.w_t
         return torch.addmm(self.bias, x2, self.w_t)
 
-    def _fast(self, x: torch.Tensor, sparse: SparseSpec, norm: nn.Module | None = None) -> torch.Tensor | None:
+    def takes(self, x: torch.Tensor, sparse: SparseSpec) -> bool:
+        """Whether the sparse kernel answers this call (else the parts run it)."""
         from . import triton_kernels as tk
 
         if sparse is None or sparse is False or not any(p.active for p in self._parts):
-            return None
+            return False
         if any(p.meter is not None for p in self._parts) or self._scales is False:
+            return False
+        rows = x.numel() // x.shape[-1]
+        return (rows <= GPU_MAX_ROWS and _all_sparse(sparse) and x.dtype == self.w_t.dtype
+                and (x.is_cuda or tk._interpreting()))
+
+    def _fast(self, x: torch.Tensor, sparse: SparseSpec, norm: nn.Module | None = None) -> torch.Tensor | None:
+        from . import triton_kernels as tk
+
+        if not self.takes(x, sparse):
             return None
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] > GPU_MAX_ROWS or not _all_sparse(sparse) or x.dtype != self.w_t.dtype or not (x.is_cuda or tk._interpreting()):
-            return None
-        y = tk.sparse_gemv_segments(x2, self.w_t, self.thr.get(), self.sizes, self._scales, self.bias,
-                                    norm=None if norm is None else (norm.weight, norm.eps))
+        y = tk.sparse_gemv_segments(x.reshape(-1, x.shape[-1]), self.w_t, self.thr.get(), self.sizes, self._scales,
+                                    self.bias, norm=None if norm is None else (norm.weight, norm.eps))
         return y.view(*x.shape[:-1], -1)
 
 
@@ -230,9 +238,9 @@ class _DecodeStep:
 class FusedDecodeStep(_DecodeStep):
     """CUDA: the block in six launches when sparse: q/k/v GEMV (its RMSNorm computed in every split-K program), rope +
     cache write + attention, o GEMV + residual, RMSNorm + threshold test + compaction of gate/up's active channels,
-    gate/up GEMV over exactly those rows, silu·mul + down GEMV + residual. Dense (seven): RMSNorm + cuBLAS for q/k/v
-    and for gate/up, the same attention, o + residual and silu·mul + down + residual through the split-K kernel over
-    every row."""
+    gate/up GEMV over exactly those rows (its last programs compute silu·mul and list down's active channels), down
+    GEMV over exactly those rows + residual. Dense (seven): RMSNorm + cuBLAS for q/k/v and for gate/up, the same
+    attention, o + residual and silu·mul + down + residual through the split-K kernel over every row."""
 
     @staticmethod
     def supports(blk: nn.Module) -> bool:
@@ -254,9 +262,27 @@ class FusedDecodeStep(_DecodeStep):
         q, k, v = a.qkv.joint(x1, sparse, norm=blk.attn_norm).split(a.qkv.sizes, -1)
         y = td.rope_attention(q, k, v, cos, sin, pos, a.cache.k, a.cache.v, a.window).view(1, -1)
         x1 = _linear_residual(a.o, y, x1, sparse)
-        gu = m.gate_up.joint(x1, sparse, norm=blk.mlp_norm)
-        x1 = _linear_residual(m.down, gu, x1, sparse, glu=True)
-        return x1.view(x.shape)
+        out = _sparse_mlp(m, blk.mlp_norm, x1, sparse)
+        if out is None:
+            gu = m.gate_up.joint(x1, sparse, norm=blk.mlp_norm)
+            out = _linear_residual(m.down, gu, x1, sparse, glu=True)
+        return out.view(x.shape)
+
+
+def _sparse_mlp(m: nn.Module, norm: nn.Module, x1: torch.Tensor, sparse: SparseSpec) -> torch.Tensor | None:
+    """x1 + down(silu(gate) * up) (norm(x1) in) with gate/up and down both sparse through `sparse_mlp`: down
+    streams exactly its active rows, listed by gate/up's last programs, instead of testing its channels itself.
+    None where that path does not apply."""
+    from . import triton_kernels as tk
+
+    down = m.down
+    if not (sparse and down.active and down.meter is None and isinstance(down.kernel, _GpuKernel)
+            and down.bias is None and m.gate_up.takes(x1, sparse)):
+        return None
+    gu = m.gate_up
+    scale = down.col_norm.reshape(-1) if down.use_col_norm else None
+    return tk.sparse_mlp(x1, gu.w_t, gu.thr.get(), gu.sizes, gu._scales, gu.bias, (norm.weight, norm.eps),
+                         down.kernel.w_t, down.kernel.thr.get(), scale, x1)
 
 
 class CpuDecodeStep(_DecodeStep):

@@ -102,6 +102,36 @@ def test_gemv_fused_rmsnorm(teal):
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("teal,with_bias", [(False, False), (True, True)])
+def test_sparse_mlp_matches_reference(teal, with_bias):
+    """`sparse_mlp`: norm + gate/up (stream) whose last programs compute silu·mul and list down's active channels,
+    then down over exactly those rows + residual = the reference chain; twice (self-resetting counters and lists)."""
+    g = torch.Generator().manual_seed(6)
+    K, H, N = 96, 64, 80
+    x = torch.randn(1, K, generator=g) * 3
+    gain = torch.rand(K, generator=g) + 0.5
+    w_gu = torch.randn(K, 2 * H, generator=g) * 0.1
+    w_d = torch.randn(H, N, generator=g) * 0.1
+    s_gu = None if teal else torch.rand(2, K, generator=g) + 0.5
+    s_d = None if teal else torch.rand(H, generator=g) + 0.5
+    bias = torch.randn(2 * H, generator=g) if with_bias else None
+    res = torch.randn(1, N, generator=g)
+    h = tk.rms_norm(x, gain, 1e-5)
+    t_gu = torch.stack([torch.quantile((h.abs() * (1 if teal else s_gu[j])).flatten(), 0.5) for j in range(2)])
+    gu = tk.reference_sparse_gemv_segments(h, w_gu, t_gu, (H, H), s_gu, bias)
+    act = F.silu(gu[:, :H]) * gu[:, H:]
+    t_d = torch.quantile((act.abs() * (1 if teal else s_d)).flatten(), 0.5).reshape(1)
+    ref = res + tk.reference_sparse_gemv(act, w_d, t_d, s_d)
+    for _ in range(2):
+        y = tk.sparse_mlp(x, w_gu, t_gu, (H, H), s_gu, bias, (gain, 1e-5), w_d, t_d, s_d, res,
+                          config=dict(algo="stream", block_n=16, rows=4, split=4, compact_ch=32),
+                          down_config=dict(block_n=32, rows=4, split=4))
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # a split-K gate/up config: not this path (the caller runs gate/up, then down with silu·mul inside)
+    assert tk.sparse_mlp(x, w_gu, t_gu, (H, H), s_gu, bias, (gain, 1e-5), w_d, t_d, s_d, res,
+                         config=dict(block_n=32, block_k=16, k_per_split=32)) is None
+
+
 def test_two_stage_argmax_matches_torch():
     """The decode loop's greedy token on CUDA: first index of the max, as torch.argmax, also across slices and for
     ties (a tie inside one slice, and across two slices)."""
@@ -161,7 +191,8 @@ def test_fused_decode_step_matches_plain_path(sparse, stream, monkeypatch):
     """Whole decode steps (dense and sparse at calibrated 50 % thresholds) through FusedDecodeStep equal the plain
     block path in fp32, and the fused step really ran on every block of every step. `stream`: q/k/v and gate/up run
     the stream kernel with the RMSNorm fused into its compaction launch (the GPU's choice for gate/up); otherwise
-    the split-K kernel with the norm computed in each program (dense: over every row for o and down)."""
+    the split-K kernel with the norm computed in each program (dense: over every row for o and down). With stream,
+    sparse, the MLP takes `sparse_mlp` (down streams the channels gate/up's last programs listed)."""
     hf = wb.synthetic_hf(SMALL, "cpu", torch.float32, layers=2)
     dec = wb.decoder_from_hf(hf)
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
@@ -173,9 +204,16 @@ def test_fused_decode_step_matches_plain_path(sparse, stream, monkeypatch):
         kv = d // SMALL["num_attention_heads"] * SMALL["num_key_value_heads"]
         for seg in ((d, kv, kv), (f, f)):
             tk.set_tuned(1, d, sum(seg), seg, dict(algo="stream", block_n=32, rows=4, split=2), variant="norm")
-    streamed = []
-    real_stream = tk._stream_gemv
-    monkeypatch.setattr(tk, "_stream_gemv", lambda *a: streamed.append(a[-1] is not None) or real_stream(*a))
+    streamed, mlps = [], []
+    real_stream, real_mlp = tk._stream_gemv, tk.sparse_mlp
+    monkeypatch.setattr(tk, "_stream_gemv", lambda *a, **k: streamed.append(a[8] is not None) or real_stream(*a, **k))
+
+    def mlp(*a, **k):
+        y = real_mlp(*a, **k)
+        mlps.append(y is not None)
+        return y
+
+    monkeypatch.setattr(tk, "sparse_mlp", mlp)
     outs, calls = {}, []
     for fast in (False, True):
         if fast:
@@ -186,6 +224,8 @@ def test_fused_decode_step_matches_plain_path(sparse, stream, monkeypatch):
     disable_fast_path(dec)
     assert len(calls) == 2 * 4
     assert streamed == ([True] * 2 * 2 * 4 if stream else [])  # q/k/v and gate/up, normed, 2 blocks, 4 steps
+    # sparse: gate/up's epilogue lists down's active channels (down streams them) where gate/up streams
+    assert mlps == ([stream] * 2 * 4 if sparse else [])
     assert all(blk.decode_step is None for blk in dec.blocks)
     torch.testing.assert_close(outs[True], outs[False], rtol=1e-4, atol=1e-4)
 
