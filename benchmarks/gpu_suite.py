@@ -285,8 +285,9 @@ def latency_grid(seed: int = 0) -> list[dict]:
 
 
 def with_evict(cfg: dict) -> list[dict]:
-    """The split-K config with its weight loads marked evict-first (activations, partial sums and counters then
-    stay in L2 while 14 GB of weights stream through it), as a candidate; [] for the stream kernel."""
+    """The split-K config with its weight loads marked evict-first (meant to keep activations, partial sums and
+    counters in L2 while 14 GB of weights stream through it; session 5 measured no gain), as a candidate; [] for the
+    stream kernel."""
     return [] if cfg.get("algo") == "stream" else [dict(cfg, evict=True)]
 
 

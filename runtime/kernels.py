@@ -275,9 +275,9 @@ def _sparse_mlp(m: nn.Module, norm: nn.Module, x1: torch.Tensor, sparse: SparseS
     None where that path does not apply."""
     from . import triton_kernels as tk
 
-    down = m.down
-    if not (sparse and down.active and down.meter is None and isinstance(down.kernel, _GpuKernel)
-            and down.bias is None and m.gate_up.takes(x1, sparse)):
+    down = m.down  # (metered runs never reach a decode step: `accepts`)
+    if not (down.active and isinstance(down.kernel, _GpuKernel) and down.bias is None
+            and m.gate_up.takes(x1, sparse)):
         return None
     gu = m.gate_up
     scale = down.col_norm.reshape(-1) if down.use_col_norm else None
