@@ -376,6 +376,54 @@ def tune(budget_s: float) -> dict:
     return results
 
 
+def tune_mlp() -> dict:
+    """The sparse decode step's MLP (`sparse_mlp`: norm + compaction, gate/up stream with down's list epilogue, down
+    stream + residual; 8B shapes, s = 0.5, CUDA graph over rotating weights) over the two stream launches' grid
+    sizes, around the programs resident at once (gate/up 3 per SM, down 2 at their register counts; session 6 found
+    the defaults' partial last waves cost nothing measurable). Registers the fastest pair for the decode timing that
+    follows (gate/up's as its `norm=` config, down's as `DOWN_STREAM`)."""
+    K, H = 4096, 14336
+    gain = (torch.rand(K, device=DEV) + 0.5).to(torch.bfloat16)
+    ws, sc, x, thr, _ = problem(K, 2 * H, (H, H), norm=gain)
+    wd = [torch.randn(H, K, device=DEV, dtype=torch.bfloat16) * 0.02 for _ in ws]
+    h = tk.rms_norm(x, gain, NORM_EPS)
+    gu = tk.reference_sparse_gemv_segments(h, ws[0], thr, (H, H), sc)
+    act = torch.nn.functional.silu(gu[:, :H]) * gu[:, H:]
+    s_d = wd[0].float().norm(dim=1)
+    t_d = torch.quantile((act.float().abs() * s_d).flatten(), 0.5).reshape(1)
+    res = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    gu0 = dict(tk.pick_config(1, K, 2 * H, (H, H)))
+    cands = []
+    # programs: gate/up 14 column blocks x split (rounded to a multiple of its 4 list chunks): 504 (default), 392,
+    # 784, 280; down 2 blocks x split (a multiple of its 7 chunks): 266 (default), 252, 238, 126, 392, 518
+    for gsplit in (gu0["split"], 28, 56, 20):
+        for dsplit in (tk.DOWN_STREAM["split"], 126, 119, 63, 196, 259):
+            for drows in (4, 8):
+                cands.append((dict(gu0, split=gsplit), dict(tk.DOWN_STREAM, split=dsplit, rows=drows)))
+    rows = []
+    for g, d in cands:
+        calls = [lambda w=w, dw=dw: tk.sparse_mlp(x, w, thr, (H, H), sc, None, (gain, NORM_EPS), dw, t_d, s_d, res,
+                                                  config=g, down_config=d) for w, dw in zip(ws, wd)]
+        try:
+            rows.append((wb._graph_time_us(calls, min_calls=64), g, d))
+        except Exception as e:  # noqa: BLE001
+            log(f"  mlp gate/up split {g['split']} down {d} skipped: {type(e).__name__}: {str(e)[:100]}")
+    base = rows[0]
+    rows.sort(key=lambda r: r[0])
+    for t, g, d in rows[:8]:
+        log(f"  mlp {t:.1f} us: gate/up split {g['split']}, down split {d['split']} rows {d['rows']}")
+    best_t, best_g, best_d = rows[0]
+    tk.set_tuned(1, K, 2 * H, (H, H), best_g, variant="norm")
+    tk.DOWN_STREAM = best_d
+    log(f"tune mlp ({sms} SMs): default {base[0]:.1f} us, best {best_t:.1f} ({len(rows)} tried): gate/up split "
+        f"{best_g['split']}, down split {best_d['split']} rows {best_d['rows']}")
+    del ws, wd
+    torch.cuda.empty_cache()
+    return {"default_us": base[0], "best_us": best_t, "best_gate_up": best_g, "best_down": best_d,
+            "top8": [(round(t, 2), g["split"], d["split"], d["rows"]) for t, g, d in rows[:8]]}
+
+
 def tune_norm(name: str, budget_s: float) -> dict:
     """The decode step's q/k/v and gate/up take their block's RMSNorm with them (`norm=`): each split-K program, or
     the stream kernel's compaction launch, computes it. Times a norm launch + the tuned GEMV against the same config
@@ -489,6 +537,7 @@ def main():
     ap.add_argument("--no-hf", action="store_true", help="no transformers baseline (saves its ~40 s compile)")
     ap.add_argument("--profile", action="store_true", help="then per-kernel profile of decode (gpu_profile.py)")
     ap.add_argument("--no-tune", action="store_true", help="skip the sweep: default configs, as `wina bench` runs")
+    ap.add_argument("--tune-mlp", action="store_true", help="sweep the sparse MLP's grid sizes before decoding")
     ap.add_argument("--long-context", default="", help="comma-separated prompt lengths: decode after long prompts")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -501,6 +550,8 @@ def main():
     res["launch_us"] = launch_chain_us()
     if not args.no_tune:
         res["tune"] = tune(args.tune_budget)
+    if args.tune_mlp:
+        res["tune_mlp"] = tune_mlp()
     bench = wb.run_bench(synthetic="llama3-8b", device=DEV, dtype="bfloat16", sparsity=0.5, tokens=args.tokens,
                          hf_compile=not args.hf_eager, skip_hf=args.no_hf, log=log)
     res["bench"] = bench  # bench["no_pdl"]: the same decode loop without programmatic dependent launch

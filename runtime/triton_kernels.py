@@ -203,6 +203,18 @@ if HAVE_TRITON:
         return y
 
     @triton.jit
+    def _column_block(blkseg_ptr, N, BLOCK_N: tl.constexpr, NSEG: tl.constexpr):
+        """This program's column block (grid axis 0): its index, columns, their in-bounds mask and its segment."""
+        pid_n = tl.program_id(0)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_in = offs_n < N
+        if NSEG > 1:
+            seg = tl.load(blkseg_ptr + pid_n)
+        else:
+            seg = 0
+        return pid_n, offs_n, n_in, seg
+
+    @triton.jit
     def _sparse_gemv_kernel(
         x_ptr,  # [B, K], row stride stride_xb, unit column stride
         w_ptr,  # [K, N], row stride stride_wk, unit column stride
@@ -243,14 +255,8 @@ if HAVE_TRITON:
         USE_PDL: tl.constexpr = False,
     ):
         _pdl_launch(USE_PDL)
-        pid_n = tl.program_id(0)
+        pid_n, offs_n, n_in, seg = _column_block(blkseg_ptr, N, BLOCK_N, NSEG)
         pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_in = offs_n < N
-        if NSEG > 1:
-            seg = tl.load(blkseg_ptr + pid_n)
-        else:
-            seg = 0
         t = _round_thr(tl.load(thr_ptr + seg).to(tl.float32), x_ptr, HAS_SCALE)
         _pdl_wait(USE_PDL)  # the segment map and threshold above are static: their loads overlap the previous kernel
         r = 1.0
@@ -775,14 +781,8 @@ if HAVE_TRITON:
                        nthr_ptr=None, nscale_ptr=None, nidx_ptr=None, nxv_ptr=None, ncnt_ptr=None, pcnt_ptr=None,
                        NEXT_GLU: tl.constexpr = False, NEXT_SCALE: tl.constexpr = False):
         _pdl_launch(USE_PDL)
-        pid_n = tl.program_id(0)
+        pid_n, offs_n, n_in, seg = _column_block(blkseg_ptr, N, BLOCK_N, NSEG)
         pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_in = offs_n < N
-        if NSEG > 1:
-            seg = tl.load(blkseg_ptr + pid_n)
-        else:
-            seg = 0
         _pdl_wait(USE_PDL)
         M = SPLIT // NCHUNK  # programs per chunk
         c = pid_k // M
@@ -950,9 +950,10 @@ def sparse_mlp(x: torch.Tensor, w_gu: torch.Tensor, thr_gu: torch.Tensor, seg_si
     idx, xv, cnt = _lists(dev, 1, F, nchunk)  # written by gate/up's pair epilogues: chunk j = channels of pair j
     N = w_down.shape[1]
     out = torch.empty(1, N, dtype=x.dtype, device=dev)
-    dcfg = down_config or TUNED.get((1, F, N, (N,), "sparse"))  # a tuned stream config of this down shape
-    if not dcfg or dcfg.get("algo") != "stream":
-        dcfg = DOWN_STREAM
+    dcfg = down_config
+    if dcfg is None:  # a tuned stream config of this down shape, else DOWN_STREAM
+        tuned = TUNED.get((1, F, N, (N,), "sparse"))
+        dcfg = tuned if tuned and tuned.get("algo") == "stream" else DOWN_STREAM
     return _stream_launch(idx, xv, cnt, w_down, None, out, (N,), thr, nchunk, block_n, dcfg,
                           residual=residual.contiguous())
 
