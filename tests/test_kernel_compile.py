@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from wina.runtime import triton_kernels as tk
+os.environ.setdefault("TRITON_INTERPRET", "1")  # this process's other tests need it before triton is imported
+from wina.runtime import triton_kernels as tk  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_compile.py"
 
