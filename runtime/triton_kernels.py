@@ -195,10 +195,10 @@ if HAVE_TRITON:
             return tl.load(w_cols + offs_k[:, None] * stride_wk, mask=m, other=0.0)
 
     @triton.jit
-    def _residual(y, res_ptr, rows, offs_n, stride_ob, o_mask, dtype, HAS_RES: tl.constexpr):
-        """y + residual as torch computes `res + linear(x)`: y rounded to the output dtype first."""
+    def _residual(y, ptrs, mask, dtype, HAS_RES: tl.constexpr):
+        """y + residual (at `ptrs`) as torch computes `res + linear(x)`: y rounded to the output dtype first."""
         if HAS_RES:
-            r = tl.load(res_ptr + rows[:, None] * stride_ob + offs_n[None, :], mask=o_mask, other=0.0)
+            r = tl.load(ptrs, mask=mask, other=0.0)
             y = y.to(dtype).to(tl.float32) + r.to(tl.float32)
         return y
 
@@ -339,7 +339,8 @@ if HAVE_TRITON:
         if not SPLIT_K:
             if HAS_BIAS:
                 res += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
-            res = _residual(res, res_ptr, rows, offs_n, stride_ob, o_mask, out_ptr.dtype.element_ty, HAS_RES)
+            res = _residual(res, res_ptr + rows[:, None] * stride_ob + offs_n[None, :], o_mask,
+                            out_ptr.dtype.element_ty, HAS_RES)
             tl.store(
                 out_ptr + rows[:, None] * stride_ob + offs_n[None, :],
                 res.to(out_ptr.dtype.element_ty),
@@ -357,7 +358,8 @@ if HAVE_TRITON:
                 tl.store(ws, zero, mask=o_mask)
                 if HAS_BIAS:
                     tot += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
-                tot = _residual(tot, res_ptr, rows, offs_n, stride_ob, o_mask, out_ptr.dtype.element_ty, HAS_RES)
+                tot = _residual(tot, res_ptr + rows[:, None] * stride_ob + offs_n[None, :], o_mask,
+                                out_ptr.dtype.element_ty, HAS_RES)
                 tl.store(
                     out_ptr + rows[:, None] * stride_ob + offs_n[None, :],
                     tot.to(out_ptr.dtype.element_ty),
@@ -682,6 +684,16 @@ def sparse_gemv(
 if HAVE_TRITON:
 
     @triton.jit
+    def _write_list(idx_ptr, xv_ptr, cnt_ptr, base, offs, xv, act):
+        """One chunk of a stream list: the active channels' indices and fp32 values packed from slot `base` on,
+        their count at cnt_ptr (the compaction launch and gate/up's pair epilogue write the same format)."""
+        a32 = act.to(tl.int32)
+        pos = base + tl.cumsum(a32, 0) - 1
+        tl.store(idx_ptr + pos, offs, mask=act)
+        tl.store(xv_ptr + pos, xv, mask=act)
+        tl.store(cnt_ptr + tl.arange(0, 1), tl.sum(a32, 0) + tl.zeros([1], dtype=tl.int32))
+
+    @triton.jit
     def _compact_kernel(x_ptr, thr_ptr, scale_ptr, idx_ptr, xv_ptr, cnt_ptr, K, NCHUNK, norm_ptr, eps,
                         HAS_SCALE: tl.constexpr, CH: tl.constexpr, HAS_NORM: tl.constexpr = False,
                         BLOCK_ROW: tl.constexpr = 16, USE_PDL: tl.constexpr = False):
@@ -708,11 +720,7 @@ if HAVE_TRITON:
             act = (tl.abs(xv) * sc >= t) & m
         else:
             act = (tl.abs(xv) >= t) & m
-        a32 = act.to(tl.int32)
-        pos = c * CH + tl.cumsum(a32, 0) - 1
-        tl.store(idx_ptr + seg * K + pos, offs, mask=act)
-        tl.store(xv_ptr + seg * K + pos, xv, mask=act)
-        tl.store(cnt_ptr + seg * NCHUNK + c + tl.arange(0, 1), tl.sum(a32, 0) + tl.zeros([1], dtype=tl.int32))
+        _write_list(idx_ptr + seg * K, xv_ptr + seg * K, cnt_ptr + seg * NCHUNK + c, c * CH, offs, xv, act)
 
     @triton.jit
     def _stream_tile(idx_ptr, xv_ptr, w_ptr, seg, K, r, hi, stride_wk, offs_n, n_in, ROWS: tl.constexpr,
@@ -748,11 +756,7 @@ if HAVE_TRITON:
                 act = tl.abs(h) * tl.load(nscale_ptr + offs) >= t
             else:
                 act = tl.abs(h) >= t
-            a32 = act.to(tl.int32)
-            pos = pair * BLOCK_N + tl.cumsum(a32, 0) - 1
-            tl.store(nidx_ptr + pos, offs, mask=act)
-            tl.store(nxv_ptr + pos, h, mask=act)
-            tl.store(ncnt_ptr + pair + tl.arange(0, 1), tl.sum(a32, 0) + tl.zeros([1], dtype=tl.int32))
+            _write_list(nidx_ptr, nxv_ptr, ncnt_ptr + pair, pair * BLOCK_N, offs, h, act)
             tl.atomic_xchg(pcnt_ptr + pair, 0)
 
     @triton.jit
@@ -764,8 +768,7 @@ if HAVE_TRITON:
         dt = out_ptr.dtype.element_ty
         if HAS_BIAS:
             tot += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)
-        if HAS_RES:
-            tot = tot.to(dt).to(tl.float32) + tl.load(res_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)
+        tot = _residual(tot, res_ptr + offs_n, n_in, dt, HAS_RES)
         tl.store(out_ptr + offs_n, tot.to(dt), mask=n_in)
         if NEXT_GLU:
             _glu_compact(out_ptr, pid_n, nthr_ptr, nscale_ptr, nidx_ptr, nxv_ptr, ncnt_ptr, pcnt_ptr, NEXT_SCALE,
