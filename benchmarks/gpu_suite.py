@@ -134,9 +134,7 @@ def check_kernels() -> int:
         h = tk.rms_norm(x, gain, NORM_EPS)
         t_gu = torch.stack([torch.quantile((h.float().abs() * (1 if teal else s_gu[j])).flatten(), 0.5)
                             for j in range(2)])
-        gu = tk.reference_sparse_gemv_segments(h, w_gu, t_gu, (H, H), s_gu)
-        act = torch.nn.functional.silu(gu[:, :H]) * gu[:, H:]
-        t_d = torch.quantile((act.float().abs() * (1 if teal else s_d)).flatten(), 0.5).reshape(1)
+        act, t_d = mlp_act(h, w_gu, t_gu, s_gu, s_d)
         ref = res.float() + tk.reference_sparse_gemv(act.float(), w_d.float(), t_d, s_d)
         ref_lp = res + tk.reference_sparse_gemv(act, w_d, t_d, s_d)
         tol = 2 * (ref_lp.float() - ref).abs().max().item() + 1e-3 * ref.abs().max().item() + 1e-3
@@ -160,6 +158,15 @@ def check_kernels() -> int:
             log(f"  MISMATCH greedy_token trial {trial}")
     log(f"kernel checks: {n - bad}/{n} ok")
     return bad
+
+
+def mlp_act(h: torch.Tensor, w_gu: torch.Tensor, t_gu: torch.Tensor, s_gu, s_d) -> tuple:
+    """silu(gate) * up of the reference sparse gate/up on the normed row h, and down's threshold at s = 0.5 (the
+    median of its scores; s_d: WINA column norms or None)."""
+    H = w_gu.shape[1] // 2
+    gu = tk.reference_sparse_gemv_segments(h, w_gu, t_gu, (H, H), s_gu)
+    act = torch.nn.functional.silu(gu[:, :H]) * gu[:, H:]
+    return act, torch.quantile((act.float().abs() * (1 if s_d is None else s_d)).flatten(), 0.5).reshape(1)
 
 
 def check_model() -> int:
@@ -386,11 +393,8 @@ def tune_mlp() -> dict:
     gain = (torch.rand(K, device=DEV) + 0.5).to(torch.bfloat16)
     ws, sc, x, thr, _ = problem(K, 2 * H, (H, H), norm=gain)
     wd = [torch.randn(H, K, device=DEV, dtype=torch.bfloat16) * 0.02 for _ in ws]
-    h = tk.rms_norm(x, gain, NORM_EPS)
-    gu = tk.reference_sparse_gemv_segments(h, ws[0], thr, (H, H), sc)
-    act = torch.nn.functional.silu(gu[:, :H]) * gu[:, H:]
     s_d = wd[0].float().norm(dim=1)
-    t_d = torch.quantile((act.float().abs() * s_d).flatten(), 0.5).reshape(1)
+    _, t_d = mlp_act(tk.rms_norm(x, gain, NORM_EPS), ws[0], thr, sc, s_d)
     res = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     gu0 = dict(tk.pick_config(1, K, 2 * H, (H, H)))

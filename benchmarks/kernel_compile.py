@@ -6,8 +6,9 @@ constexprs as on the H200, programmatic dependent launch on) is then compiled by
 carries ptxas). Prints registers, spills and shared memory per variant and a hash of its machine code (SASS
 instructions): `--against REV` builds REV's kernels the same way and names the variants whose code differs (or only
 their registers), so a refactor meant to leave the kernels alone can be checked without a GPU (the answer carries
-over to the device when the Triton versions match: `pip install --no-deps --target DIR triton==X` and put DIR first
-on PYTHONPATH). Different machine code is not slower code: only the GPU can say that.
+over to the device when the Triton versions match, both using the ptxas in Triton's wheel: `pip install --no-deps
+--target DIR triton==X` and put DIR first on PYTHONPATH). Different machine code is not slower code: only the GPU can
+say that.
 
     python benchmarks/kernel_compile.py [--json] [--against REV] [--arch 90]
 

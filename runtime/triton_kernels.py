@@ -828,10 +828,12 @@ if HAVE_TRITON:
 _LIST_CACHE = {}
 
 
-def _active_lists(device, nseg: int, K: int, nchunk: int = 1):
+def _lists(device, nseg: int, K: int, nchunk: int):
+    """The stream lists of `nseg` segments over K channels (indices, fp32 values, a count per chunk), cached per
+    (device, nseg, K); the counts grow to the largest `nchunk` asked for."""
     key = (device, nseg, K)
     t = _LIST_CACHE.get(key)
-    if t is None:
+    if t is None or t[2].numel() < nseg * nchunk:
         t = (torch.zeros(nseg * K, dtype=torch.int32, device=device),
              torch.zeros(nseg * K, dtype=torch.float32, device=device),
              torch.zeros(nseg * max(nchunk, 1), dtype=torch.int32, device=device))
@@ -857,14 +859,6 @@ def _stream_gemv(x, w_t, thr, seg_sizes, scales, bias, out, cfg, norm=None, glu_
                                         BLOCK_ROW=triton.next_power_of_2(K), num_warps=cfg.get("compact_warps", 4),
                                         **pdl_args(dev))
     return _stream_launch(idx, xv, cnt, w_t, bias, out, seg_sizes, thr, nchunk, ch, cfg, glu_next=glu_next)
-
-
-def _lists(dev, nseg: int, K: int, nchunk: int):
-    idx, xv, cnt = _active_lists(dev, nseg, K)
-    if cnt.numel() < nseg * nchunk:
-        _LIST_CACHE.pop((dev, nseg, K))
-        idx, xv, cnt = _active_lists(dev, nseg, K, nchunk)
-    return idx, xv, cnt
 
 
 def _stream_launch(idx, xv, cnt, w_t, bias, out, seg_sizes, dummy, nchunk: int, ch: int, cfg: dict,
@@ -914,7 +908,8 @@ def _pair_counters(device, n: int) -> torch.Tensor:
 
 
 # The down projection as a pure row stream (`sparse_mlp`), tuned on an H200 with its compaction launch: 21.1 us
-# per call at s = 0.5 against 22.6 for the split-K kernel with silu·mul inside (gpu_suite tune, 2026-11-29).
+# per call at s = 0.5 against 22.6 for the split-K kernel with silu·mul inside (gpu_suite tune, 2026-11-29); inside
+# `sparse_mlp` no other grid of 48 tried was faster (gpu_suite --tune-mlp, runs P and T in docs/BENCHMARKS.md).
 DOWN_STREAM = dict(block_n=2048, rows=4, split=132, num_warps=8, num_stages=2, prefetch=True)
 
 
