@@ -17,6 +17,8 @@
    {0, .25, .4, .5, .65} and end-to-end decode tok/s (own dense, own sparse, transformers static dense);
 4. acceptance lines; with --long-context the same decode after long prompts; with --profile the per-kernel profile
    of decode (gpu_profile.py); one JSON line (also written to $OUT/gpu_suite.json when OUT is set).
+--tune-mlp times the sparse MLP alone in two launches (several `_mlp_kernel` shapes) and in three; --mlp-ab times
+the decode loop again with the MLP in three launches and with one compaction program per segment (same process).
 """
 
 from __future__ import annotations
@@ -138,13 +140,16 @@ def check_kernels() -> int:
         ref = res.float() + tk.reference_sparse_gemv(act.float(), w_d.float(), t_d, s_d)
         ref_lp = res + tk.reference_sparse_gemv(act, w_d, t_d, s_d)
         tol = 2 * (ref_lp.float() - ref).abs().max().item() + 1e-3 * ref.abs().max().item() + 1e-3
-        for _ in range(2):
-            y = tk.sparse_mlp(x, w_gu, t_gu, (H, H), s_gu, None, (gain, NORM_EPS), w_d, t_d, s_d, res)
-            err = float("inf") if y is None else (y.float() - ref).abs().max().item()
-            n += 1
-            if not err <= tol:
-                bad += 1
-                log(f"  MISMATCH sparse_mlp teal={teal}: err {err:.3g} tol {tol:.3g}")
+        # the default (`MLP_FUSED`: compaction + one launch), three launches, and a fused config of other shape
+        for cfg in (None, tk.pick_config(1, K, 2 * H, (H, H)),
+                    dict(algo="fused", block_f=32, rows=128, rows_d=2, num_warps=8)):
+            for _ in range(2):
+                y = tk.sparse_mlp(x, w_gu, t_gu, (H, H), s_gu, None, (gain, NORM_EPS), w_d, t_d, s_d, res, config=cfg)
+                err = float("inf") if y is None else (y.float() - ref).abs().max().item()
+                n += 1
+                if not err <= tol:
+                    bad += 1
+                    log(f"  MISMATCH sparse_mlp teal={teal} cfg={cfg}: err {err:.3g} tol {tol:.3g}")
     # the decode loop's greedy token (two-stage argmax over a Llama-3 vocabulary)
     from wina.runtime.decode import greedy_token
 
@@ -383,12 +388,24 @@ def tune(budget_s: float) -> dict:
     return results
 
 
+# `_mlp_kernel` configs (block_f channels per program, list rows per step, down rows per step, warps); registers per
+# program under triton 3.6.0 (kernel_compile.py, WINA) in the comments: 2 programs of 8 warps per SM need <= 128
+MLP_FUSED_GRID = [(64, 64, 4, 8),  # 128, the default (`MLP_FUSED`)
+                  (64, 64, 2, 8),  # 124
+                  (64, 32, 4, 8),  # 80
+                  (128, 32, 4, 8),  # 128
+                  (32, 128, 4, 8),  # 128
+                  (128, 64, 4, 16),  # 118
+                  (64, 64, 8, 8),  # 156
+                  (64, 32, 2, 4),  # 130
+                  (32, 64, 4, 4)]  # 195
+
+
 def tune_mlp() -> dict:
-    """The sparse decode step's MLP (`sparse_mlp`: norm + compaction, gate/up stream with down's list epilogue, down
-    stream + residual; 8B shapes, s = 0.5, CUDA graph over rotating weights) over the two stream launches' grid
-    sizes, around the programs resident at once (gate/up 3 per SM, down 2 at their register counts; session 6 found
-    the defaults' partial last waves cost nothing measurable). Registers the fastest pair for the decode timing that
-    follows (gate/up's as its `norm=` config, down's as `DOWN_STREAM`)."""
+    """The sparse decode step's MLP (`sparse_mlp`, 8B shapes, s = 0.5, CUDA graph over rotating weights): three
+    launches (compaction, gate/up stream with down's list epilogue, down stream) against two (compaction, then
+    `_mlp_kernel`) over `MLP_FUSED_GRID`. Reports only: isolated, the two paths tie within noise (runs X-AD,
+    docs/BENCHMARKS.md), while decode measures the difference (`--mlp-ab`)."""
     K, H = 4096, 14336
     gain = (torch.rand(K, device=DEV) + 0.5).to(torch.bfloat16)
     ws, sc, x, thr, _ = problem(K, 2 * H, (H, H), norm=gain)
@@ -396,36 +413,24 @@ def tune_mlp() -> dict:
     s_d = wd[0].float().norm(dim=1)
     _, t_d = mlp_act(tk.rms_norm(x, gain, NORM_EPS), ws[0], thr, sc, s_d)
     res = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
-    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    gu0 = dict(tk.pick_config(1, K, 2 * H, (H, H)))
-    cands = []
-    # programs: gate/up 14 column blocks x split (rounded to a multiple of its 4 list chunks): 504 (default), 392,
-    # 784, 280; down 2 blocks x split (a multiple of its 7 chunks): 266 (default), 252, 238, 126, 392, 518
-    for gsplit in (gu0["split"], 28, 56, 20):
-        for dsplit in (tk.DOWN_STREAM["split"], 126, 119, 63, 196, 259):
-            for drows in (4, 8):
-                cands.append((dict(gu0, split=gsplit), dict(tk.DOWN_STREAM, split=dsplit, rows=drows)))
+    cands = [("three launches", tk.pick_config(1, K, 2 * H, (H, H)))] + [
+        (f"two: block_f {f}, rows {r}, down rows {d}, {w} warps",
+         dict(algo="fused", block_f=f, rows=r, rows_d=d, num_warps=w)) for f, r, d, w in MLP_FUSED_GRID] + [
+        ("two: the default with one compaction program per segment (4096 channels each)",
+         dict(tk.MLP_FUSED, compact_ch=4096))]
     rows = []
-    for g, d in cands:
-        calls = [lambda w=w, dw=dw: tk.sparse_mlp(x, w, thr, (H, H), sc, None, (gain, NORM_EPS), dw, t_d, s_d, res,
-                                                  config=g, down_config=d) for w, dw in zip(ws, wd)]
+    for name, cfg in cands:
+        calls = [lambda w=w, dw=dw, c=cfg: tk.sparse_mlp(x, w, thr, (H, H), sc, None, (gain, NORM_EPS), dw, t_d, s_d,
+                                                          res, config=c) for w, dw in zip(ws, wd)]
         try:
-            rows.append((wb._graph_time_us(calls, min_calls=64), g, d))
+            rows.append((wb._graph_time_us(calls, min_calls=64), name))
         except Exception as e:  # noqa: BLE001
-            log(f"  mlp gate/up split {g['split']} down {d} skipped: {type(e).__name__}: {str(e)[:100]}")
-    base = rows[0]
-    rows.sort(key=lambda r: r[0])
-    for t, g, d in rows[:8]:
-        log(f"  mlp {t:.1f} us: gate/up split {g['split']}, down split {d['split']} rows {d['rows']}")
-    best_t, best_g, best_d = rows[0]
-    tk.set_tuned(1, K, 2 * H, (H, H), best_g, variant="norm")
-    tk.DOWN_STREAM = best_d
-    log(f"tune mlp ({sms} SMs): default {base[0]:.1f} us, best {best_t:.1f} ({len(rows)} tried): gate/up split "
-        f"{best_g['split']}, down split {best_d['split']} rows {best_d['rows']}")
+            log(f"  mlp {name} skipped: {type(e).__name__}: {str(e)[:100]}")
+    for t, name in rows:
+        log(f"  mlp {t:.1f} us: {name}")
     del ws, wd
     torch.cuda.empty_cache()
-    return {"default_us": base[0], "best_us": best_t, "best_gate_up": best_g, "best_down": best_d,
-            "top8": [(round(t, 2), g["split"], d["split"], d["rows"]) for t, g, d in rows[:8]]}
+    return {"us": [(round(t, 2), name) for t, name in rows]}
 
 
 def tune_norm(name: str, budget_s: float) -> dict:
@@ -541,7 +546,8 @@ def main():
     ap.add_argument("--no-hf", action="store_true", help="no transformers baseline (saves its ~40 s compile)")
     ap.add_argument("--profile", action="store_true", help="then per-kernel profile of decode (gpu_profile.py)")
     ap.add_argument("--no-tune", action="store_true", help="skip the sweep: default configs, as `wina bench` runs")
-    ap.add_argument("--tune-mlp", action="store_true", help="sweep the sparse MLP's grid sizes before decoding")
+    ap.add_argument("--tune-mlp", action="store_true", help="time the sparse MLP's variants (report only)")
+    ap.add_argument("--mlp-ab", action="store_true", help="then decode with the MLP in three launches too")
     ap.add_argument("--long-context", default="", help="comma-separated prompt lengths: decode after long prompts")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -557,7 +563,10 @@ def main():
     if args.tune_mlp:
         res["tune_mlp"] = tune_mlp()
     bench = wb.run_bench(synthetic="llama3-8b", device=DEV, dtype="bfloat16", sparsity=0.5, tokens=args.tokens,
-                         hf_compile=not args.hf_eager, skip_hf=args.no_hf, log=log)
+                         hf_compile=not args.hf_eager, skip_hf=args.no_hf, log=log,
+                         ablate={"mlp in three launches": {"MLP_FUSED": None},
+                                 "mlp in two, one compaction program per segment": {
+                                     "MLP_FUSED": dict(tk.MLP_FUSED or {}, compact_ch=4096)}} if args.mlp_ab else None)
     res["bench"] = bench  # bench["no_pdl"]: the same decode loop without programmatic dependent launch
     lay = bench["layer"]["0.5"]
     acc = {

@@ -76,6 +76,9 @@ def drive(step: list) -> None:
         step[0] = f"mlp {method}"
         tk.sparse_mlp(x, w_gu, e(2, dt=f32), gu_seg, sc_gu, None, (gain, eps), w_d, e(1, dt=f32), sc_d, x,
                       config=tk.pick_config(1, K, 2 * F, gu_seg))
+        step[0] = f"mlp fused {method}"  # compaction, then gate/up and down in one launch
+        tk.sparse_mlp(x, w_gu, e(2, dt=f32), gu_seg, sc_gu, None, (gain, eps), w_d, e(1, dt=f32), sc_d, x,
+                      config=tk.MLP_FUSED)
         step[0] = f"down split-K {method}"  # the decode step's down when gate/up runs split-K
         tk.sparse_gemv_segments(e(1, 2 * F), w_d, e(1, dt=f32), (K,), None if sc_d is None else sc_d.reshape(1, -1),
                                 residual=x, glu=True)
@@ -91,6 +94,17 @@ def drive(step: list) -> None:
     td.argmax_two_stage(e(1, V))
     step[0] = "glu"
     td.glu(e(2 * F))
+
+
+def _specialize(v, specialize: bool) -> tuple:
+    """(Triton type, "D" when divisible by 16) of a launch argument, as `JITFunction.run` derives them."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+    except ImportError:  # another Triton: types only
+        return _type(v), ""
+    kind, attr = native_specialize_impl(BaseBackend, v, False, specialize, True)[:2]
+    return kind, attr == "D"
 
 
 def _type(v) -> str:
@@ -117,20 +131,28 @@ def compile_all(arch: int) -> list[dict]:
         drive(step)
     out, seen = [], {}
     for label, fn, args, opts in records:
-        sig, const = {}, {}
-        for p in fn.params:
+        sig, const, attrs = {}, {}, {}
+        for i, p in enumerate(fn.params):
             v = args[p.name]
             if p.name == "USE_PDL":
                 v = True  # as launched on the H200 (pdl_args)
             if p.is_constexpr or v is None:
                 sig[p.name], const[p.name] = "constexpr", v
+                continue
+            # as the JIT specializes a launch: ints equal to 1 become constants; pointers and ints divisible by 16
+            # carry that fact (vectorised loads need it)
+            kind, attr = _specialize(v, not p.do_not_specialize)
+            if kind == "constexpr":
+                sig[p.name], const[p.name] = kind, v
             else:
-                sig[p.name] = _type(v)
+                sig[p.name] = kind
+                if attr:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
         options = {k: opts[k] for k in ("num_warps", "num_stages") if k in opts}
         key = json.dumps([fn.__name__, sig, {k: repr(v) for k, v in const.items()}, options], sort_keys=True)
         n = seen[label] = seen.get(label, 0) + 1
         t0 = time.perf_counter()
-        k = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32), options=options)
+        k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32), options=options)
         regs, local = _resources(k.asm["cubin"])
         code = _sass(k.asm["cubin"])
         out.append({"variant": f"{label} #{n}", "kernel": fn.__name__, "regs": regs, "local": local,

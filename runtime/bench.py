@@ -257,7 +257,9 @@ def e2e(dec, prompt, n_tokens: int, hf=None, rounds: int = 2, hf_compile: bool =
 def run_bench(checkpoint: str | None = None, synthetic: str | None = None, device: str = "cpu", dtype: str = "auto",
               sparsity: float = 0.5, tokens: int = 32, prompt_len: int = 32, sparsities=SPARSITIES, rounds: int = 2,
               skip_hf: bool = False, skip_matrices: bool = False, layers: int | None = None, hf_compile: bool = False,
-              log=print) -> dict:
+              log=print, ablate: dict[str, dict] | None = None) -> dict:
+    """`wina bench`'s measurements (see runtime/cli.py). `ablate`: {label: {triton_kernels setting: value}}, each
+    timed end to end in the same process after the main figures (CUDA only)."""
     dev = torch.device(device)
     result: dict = {"device": str(dev), "sparsity": sparsity, "tokens": tokens}
     if dev.type == "cpu":
@@ -312,20 +314,28 @@ def run_bench(checkpoint: str | None = None, synthetic: str | None = None, devic
             f", transformers static dense{' (compiled)' if hf_compile else ''} {result['hf_static_tok_s']:.1f} tok/s "
             f"(sparse {result['sparse_over_hf']:.2f}x)" if "hf_static_tok_s" in result else ""))
     if dev.type == "cuda":
-        result["no_pdl"] = _without_pdl(dec, prompt, tokens, rounds, log)
+        from . import triton_kernels as tk
+
+        # what PDL buys (None where it is not in use), and any ablations asked for
+        result["no_pdl"] = _ablation(dec, prompt, tokens, rounds, log, "without PDL", PDL=False) if tk.pdl_args(
+            dev) else None
+        for label, overrides in (ablate or {}).items():
+            result.setdefault("ablations", {})[label] = _ablation(dec, prompt, tokens, rounds, log, label,
+                                                                  **overrides)
     return result
 
 
-def _without_pdl(dec, prompt, tokens: int, rounds: int, log) -> dict | None:
-    """The same decode loop with programmatic dependent launch off (what PDL buys); None where it is not in use."""
+def _ablation(dec, prompt, tokens: int, rounds: int, log, label: str, **settings) -> dict:
+    """The same decode loop with some of triton_kernels' module settings changed (e.g. PDL=False), then restored."""
     from . import triton_kernels as tk
 
-    if not tk.pdl_args(prompt.device):
-        return None
-    tk.PDL = False
+    saved = {k: getattr(tk, k) for k in settings}
+    for k, v in settings.items():
+        setattr(tk, k, v)
     try:
         r = e2e(dec, prompt, tokens, rounds=rounds)
     finally:
-        tk.PDL = True
-    log(f"without PDL: own dense {r['dense_tok_s']:.1f}, own sparse {r['sparse_tok_s']:.1f} tok/s")
+        for k, v in saved.items():
+            setattr(tk, k, v)
+    log(f"{label}: own dense {r['dense_tok_s']:.1f}, own sparse {r['sparse_tok_s']:.1f} tok/s")
     return {k: r[k] for k in ("dense_tok_s", "sparse_tok_s", "sparse_over_dense")}

@@ -236,11 +236,12 @@ class _DecodeStep:
 
 
 class FusedDecodeStep(_DecodeStep):
-    """CUDA: the block in six launches when sparse: q/k/v GEMV (its RMSNorm computed in every split-K program), rope +
+    """CUDA: the block in five launches when sparse: q/k/v GEMV (its RMSNorm computed in every split-K program), rope +
     cache write + attention, o GEMV + residual, RMSNorm + threshold test + compaction of gate/up's active channels,
-    gate/up GEMV over exactly those rows (its last programs compute silu·mul and list down's active channels), down
-    GEMV over exactly those rows + residual. Dense (seven): RMSNorm + cuBLAS for q/k/v and for gate/up, the same
-    attention, o + residual and silu·mul + down + residual through the split-K kernel over every row."""
+    and the rest of the MLP in one (`sparse_mlp`: gate/up over exactly those rows, silu·mul, down over exactly its
+    active rows + residual; six launches with `triton_kernels.MLP_FUSED = None`). Dense (seven): RMSNorm + cuBLAS for
+    q/k/v and for gate/up, the same attention, o + residual and silu·mul + down + residual through the split-K
+    kernel over every row."""
 
     @staticmethod
     def supports(blk: nn.Module) -> bool:
@@ -271,7 +272,7 @@ class FusedDecodeStep(_DecodeStep):
 
 def _sparse_mlp(m: nn.Module, norm: nn.Module, x1: torch.Tensor, sparse: SparseSpec) -> torch.Tensor | None:
     """x1 + down(silu(gate) * up) (norm(x1) in) with gate/up and down both sparse through `sparse_mlp`: down
-    streams exactly its active rows, listed by gate/up's last programs, instead of testing its channels itself.
+    streams exactly its active rows, listed by the programs that computed them, instead of testing its channels.
     None where that path does not apply."""
     from . import triton_kernels as tk
 

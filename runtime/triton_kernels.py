@@ -30,8 +30,10 @@ dense over every row (``all_rows=True``, the dense side of the decode step). Eve
 programmatic dependent launch on Hopper (`pdl_args`) and loads what no earlier kernel of the step writes before it
 waits for the previous one.
 Very wide problems (the fused gate/up) default to a two-phase kernel: compact the active channels, then stream
-exactly their rows (`_stream_gemv`). `sparse_mlp` chains gate/up and down that way: gate/up's last programs compute
-silu·mul and list down's active channels, so down streams exactly its rows too, without a compaction launch.
+exactly their rows (`_stream_gemv`). `sparse_mlp` runs a decode row's whole MLP after one compaction launch in one
+more (`_mlp_kernel`: each program owns some intermediate channels, so it finishes their gate/up sums itself and
+streams their active rows of down without waiting for other programs), or chains two stream launches (gate/up's
+last programs compute silu·mul and list down's active channels; down streams exactly those rows).
 
 The module imports without triton or a GPU (``HAVE_TRITON`` tells). On CPU it runs under
 ``TRITON_INTERPRET=1`` (set before triton is imported), which the tests use.
@@ -824,6 +826,109 @@ if HAVE_TRITON:
                 _stream_store(tot, offs_n, n_in, pid_n, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES, NEXT_GLU,
                               nthr_ptr, nscale_ptr, nidx_ptr, nxv_ptr, ncnt_ptr, pcnt_ptr, NEXT_SCALE, BLOCK_N)
 
+    @triton.jit
+    def _list_idx(idx_ptr, xv_ptr, r, n, ROWS: tl.constexpr, ends=None, gaps=None):
+        """Indices and fp32 values of list entries [r, r + ROWS) (masked beyond the list's n entries). A list stored
+        in chunks (the compaction launch's: chunk c's entries first in its slots) has its chunks' cumulative counts
+        in `ends` and their empty slots in `gaps`: entry v lives at v + the gaps of the chunks it comes after."""
+        offs_r = r + tl.arange(0, ROWS)
+        rm = offs_r < n
+        if ends is not None:
+            offs_r += tl.sum(tl.where(offs_r[:, None] >= ends[None, :], gaps[None, :], 0), 1)
+        ii = tl.load(idx_ptr + offs_r, mask=rm, other=0).to(tl.int64)
+        return ii, tl.load(xv_ptr + offs_r, mask=rm, other=0.0), rm
+
+    @triton.jit
+    def _chunked_list(cnt_ptr, NCHUNK: tl.constexpr, CH: tl.constexpr):
+        """(entry count, chunk ends, chunk gaps) of a list the compaction launch wrote in NCHUNK chunks of CH slots."""
+        c = tl.arange(0, triton.next_power_of_2(NCHUNK))
+        cn = tl.load(cnt_ptr + c, mask=c < NCHUNK, other=0)
+        return tl.sum(cn, 0), tl.cumsum(cn, 0), CH - cn
+
+    @triton.jit
+    def _list_rows(w_ptr, ii, rm, stride_wk, offs_f):
+        return tl.load(w_ptr + ii[:, None] * stride_wk + offs_f[None, :], mask=rm[:, None], other=0.0)
+
+    @triton.jit
+    def _mlp_kernel(idx_ptr, xv_ptr, cnt_ptr, wgu_ptr, bgu_ptr, thr_ptr, dscale_ptr, wd_ptr, res_ptr, out_ptr,
+                    ws_ptr, done_ptr, didx_ptr, dxv_ptr, dcnt_ptr, K, F, N,
+                    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_F: tl.constexpr, ROWS: tl.constexpr,
+                    ROWS_D: tl.constexpr, BLOCK_OUT: tl.constexpr, NCHUNK: tl.constexpr, CH: tl.constexpr,
+                    USE_PDL: tl.constexpr = False):
+        """The sparse MLP after the compaction launch, in one launch without a grid-wide barrier between gate/up and
+        down: program p owns intermediate channels [p * BLOCK_F, (p + 1) * BLOCK_F). It sums their gate and up
+        columns over every listed (active) input row, so it holds finished gate/up values itself; computes
+        silu(gate) * up and applies down's threshold test; lists its active channels (slots p * BLOCK_F... of the
+        down list) and streams exactly their rows of w_d (input-channel-major, whole rows) into one fp32 partial of
+        the output, added to the workspace once (an atomic add per step instead made the kernel 2-4x slower); the
+        last program adds the residual and writes the output."""
+        _pdl_launch(USE_PDL)
+        pid = tl.program_id(0)
+        offs_f = pid * BLOCK_F + tl.arange(0, BLOCK_F)
+        dt = out_ptr.dtype.element_ty
+        t = _round_thr(tl.load(thr_ptr).to(tl.float32), out_ptr, HAS_SCALE)
+        if HAS_SCALE:
+            sd = tl.load(dscale_ptr + offs_f)
+        if HAS_BIAS:
+            bg = tl.load(bgu_ptr + offs_f).to(tl.float32)
+            bu = tl.load(bgu_ptr + F + offs_f).to(tl.float32)
+        _pdl_wait(USE_PDL)
+        # the compaction's lists: gate's active inputs in slots [0, K), up's in [K, 2K), NCHUNK chunks each
+        n_g, e_g, p_g = _chunked_list(cnt_ptr, NCHUNK, CH)
+        n_u, e_u, p_u = _chunked_list(cnt_ptr + NCHUNK, NCHUNK, CH)
+        s_gu = 2 * F
+        # gate's and up's rows step together; each step's indices are loaded two steps ahead, its rows one
+        gi, gx, gm = _list_idx(idx_ptr, xv_ptr, 0, n_g, ROWS, e_g, p_g)
+        ui, ux, um = _list_idx(idx_ptr + K, xv_ptr + K, 0, n_u, ROWS, e_u, p_u)
+        gw = _list_rows(wgu_ptr, gi, gm, s_gu, offs_f)
+        uw = _list_rows(wgu_ptr + F, ui, um, s_gu, offs_f)
+        gi, gx2, gm = _list_idx(idx_ptr, xv_ptr, ROWS, n_g, ROWS, e_g, p_g)
+        ui, ux2, um = _list_idx(idx_ptr + K, xv_ptr + K, ROWS, n_u, ROWS, e_u, p_u)
+        acc_g = tl.zeros([ROWS, BLOCK_F], dtype=tl.float32)
+        acc_u = tl.zeros([ROWS, BLOCK_F], dtype=tl.float32)
+        for r in range(2 * ROWS, tl.maximum(n_g, n_u) + 2 * ROWS, ROWS):
+            gw2 = _list_rows(wgu_ptr, gi, gm, s_gu, offs_f)
+            uw2 = _list_rows(wgu_ptr + F, ui, um, s_gu, offs_f)
+            gi, gx3, gm = _list_idx(idx_ptr, xv_ptr, r, n_g, ROWS, e_g, p_g)
+            ui, ux3, um = _list_idx(idx_ptr + K, xv_ptr + K, r, n_u, ROWS, e_u, p_u)
+            acc_g += gx[:, None] * gw.to(tl.float32)
+            acc_u += ux[:, None] * uw.to(tl.float32)
+            gx, gw, gx2 = gx2, gw2, gx3
+            ux, uw, ux2 = ux2, uw2, ux3
+        g = tl.sum(acc_g, 0)
+        u = tl.sum(acc_u, 0)
+        if HAS_BIAS:
+            g += bg
+            u += bu
+        h = _glu(g.to(dt), u.to(dt), dt).to(tl.float32)  # gate/up rounded to x.dtype first, as their GEMV writes
+        if HAS_SCALE:
+            act = tl.abs(h) * sd >= t
+        else:
+            act = tl.abs(h) >= t
+        # down: list this program's active channels, then stream exactly their rows, ROWS_D whole rows a step
+        base = pid * BLOCK_F
+        _write_list(didx_ptr, dxv_ptr, dcnt_ptr + pid, base, offs_f, h, act)
+        n_d = tl.sum(act.to(tl.int32), 0)
+        tl.debug_barrier()  # the list's stores precede its loads (same CTA)
+        offs_o = tl.arange(0, BLOCK_OUT)
+        o_in = offs_o < N
+        acc = tl.zeros([BLOCK_OUT], dtype=tl.float32)
+        di, dx, dm = _list_idx(didx_ptr + base, dxv_ptr + base, 0, n_d, ROWS_D)
+        w = tl.load(wd_ptr + di[:, None] * N + offs_o[None, :], mask=dm[:, None] & o_in[None, :], other=0.0)
+        for r in range(ROWS_D, n_d + ROWS_D, ROWS_D):
+            di, dx2, dm = _list_idx(didx_ptr + base, dxv_ptr + base, r, n_d, ROWS_D)
+            w2 = tl.load(wd_ptr + di[:, None] * N + offs_o[None, :], mask=dm[:, None] & o_in[None, :], other=0.0)
+            acc += tl.sum(dx[:, None] * w.to(tl.float32), 0)
+            dx, w = dx2, w2
+        tl.atomic_add(ws_ptr + offs_o, acc, mask=o_in, sem="relaxed")
+        tl.debug_barrier()  # this CTA's adds precede its arrival
+        if tl.atomic_add(done_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+            zero = tl.zeros([BLOCK_OUT], dtype=tl.float32)
+            tot = tl.atomic_add(ws_ptr + offs_o, zero, mask=o_in, sem="relaxed")  # every program's sums, from L2
+            tl.store(ws_ptr + offs_o, zero, mask=o_in)
+            tl.atomic_xchg(done_ptr, 0)
+            tot = _residual(tot, res_ptr + offs_o, o_in, dt, True)
+            tl.store(out_ptr + offs_o, tot.to(dt), mask=o_in)
 
 _LIST_CACHE = {}
 
@@ -845,20 +950,25 @@ def _stream_gemv(x, w_t, thr, seg_sizes, scales, bias, out, cfg, norm=None, glu_
     """The two-phase path: compaction launch, then `_stream_launch`. `glu_next` = (threshold [1], scale [K2] or
     None) of a down projection fed by this gate/up (see `sparse_mlp`)."""
     K = x.shape[1]
-    nseg = len(seg_sizes)
-    dev = x.device
     ch = min(triton.next_power_of_2(K), cfg.get("compact_ch", 1024))
-    if norm is not None:  # the norm's row reduction must see the layout of `rms_norm`: same warps
-        cfg = dict(cfg, compact_warps=_norm_warps(K))
     nchunk = triton.cdiv(K, ch)
-    idx, xv, cnt = _lists(dev, nseg, K, nchunk)
+    idx, xv, cnt = _lists(x.device, len(seg_sizes), K, nchunk)
     if not cfg.get("skip_compact"):  # benchmarks only: reuse the lists of the previous call (same x)
-        _compact_kernel[(nseg, nchunk)](x, thr, scales if scales is not None else thr, idx, xv, cnt, K, nchunk,
-                                        thr if norm is None else norm[0], 0.0 if norm is None else float(norm[1]),
-                                        HAS_SCALE=scales is not None, CH=ch, HAS_NORM=norm is not None,
-                                        BLOCK_ROW=triton.next_power_of_2(K), num_warps=cfg.get("compact_warps", 4),
-                                        **pdl_args(dev))
+        _compact(x, thr, scales, norm, (idx, xv, cnt), ch, cfg.get("compact_warps", 4))
     return _stream_launch(idx, xv, cnt, w_t, bias, out, seg_sizes, thr, nchunk, ch, cfg, glu_next=glu_next)
+
+
+def _compact(x, thr, scales, norm, lists, ch: int, warps: int) -> None:
+    """The compaction launch: each segment's active channels of x (RMSNorm(x) with `norm`), in chunks of `ch`."""
+    K = x.shape[1]
+    idx, xv, cnt = lists
+    if norm is not None:  # the norm's row reduction must see the layout of `rms_norm`: same warps
+        warps = _norm_warps(K)
+    nchunk = triton.cdiv(K, ch)
+    _compact_kernel[(thr.numel(), nchunk)](x, thr, scales if scales is not None else thr, idx, xv, cnt, K, nchunk,
+                                           thr if norm is None else norm[0], 0.0 if norm is None else float(norm[1]),
+                                           HAS_SCALE=scales is not None, CH=ch, HAS_NORM=norm is not None,
+                                           BLOCK_ROW=triton.next_power_of_2(K), num_warps=warps, **pdl_args(x.device))
 
 
 def _stream_launch(idx, xv, cnt, w_t, bias, out, seg_sizes, dummy, nchunk: int, ch: int, cfg: dict,
@@ -918,11 +1028,14 @@ def sparse_mlp(x: torch.Tensor, w_gu: torch.Tensor, thr_gu: torch.Tensor, seg_si
                w_down: torch.Tensor, thr_down: torch.Tensor, scale_down: Optional[torch.Tensor],
                residual: torch.Tensor, config: Optional[dict] = None,
                down_config: Optional[dict] = None) -> Optional[torch.Tensor]:
-    """residual + down(silu(gate) * up) of a decode row with both GEMVs sparse, in three launches: RMSNorm +
-    compaction of gate/up's active channels; gate/up over exactly those rows, whose last program per (gate block,
-    up block) pair computes silu·mul of those channels and lists down's active ones; down streaming exactly its
-    active rows, residual added. None where the shapes do not allow it (the caller then runs gate/up and the split-K
-    down with silu·mul inside): batch 1, gate/up = two equal halves of whole stream column blocks, stream config.
+    """residual + down(silu(gate) * up) of a decode row with both GEMVs sparse. With `MLP_FUSED` (or a config with
+    algo="fused") in two launches: RMSNorm + compaction of gate/up's active channels, then `_mlp_kernel` (gate/up
+    over exactly those rows, silu·mul, down over exactly its active rows, residual). Else, with a stream config, in
+    three: the same compaction; gate/up over exactly those rows, whose last program per (gate block, up block) pair
+    computes silu·mul of those channels and lists down's active ones; down streaming exactly its active rows,
+    residual added. None where neither applies (the caller then runs gate/up and the split-K down with silu·mul
+    inside): batch 1, gate/up = two equal halves, and a stream config (two equal halves of whole column blocks for
+    three launches) or a fused config whose block_f divides F.
 
     x [1, K]; w_gu [K, 2F] input-major (gate | up), seg_sizes (F, F); norm (weight, eps) of x; w_down [F, N];
     thr_down [1]; scale_down [F] (WINA) or None; residual [1, N]."""
@@ -932,6 +1045,10 @@ def sparse_mlp(x: torch.Tensor, w_gu: torch.Tensor, thr_gu: torch.Tensor, seg_si
     if B != 1 or len(seg_sizes) != 2 or seg_sizes != (F, F) or w_gu.shape != (K, 2 * F):
         return None
     cfg = config or TUNED.get((1, K, 2 * F, seg_sizes, "norm")) or pick_config(1, K, 2 * F, seg_sizes, x.device)
+    fused = config or (MLP_FUSED if cfg.get("algo") == "stream" else None)
+    if fused and fused.get("algo") == "fused" and F % fused["block_f"] == 0:
+        return _fused_mlp(x, w_gu, _as_f32_vec(thr_gu, 2, x.device), scales_gu, bias_gu, norm, w_down,
+                          _as_f32_vec(thr_down, 1, x.device), scale_down, residual, fused)
     if cfg.get("algo") != "stream":
         return None
     block_n = _fix_block_n(cfg.get("block_n", 128), 2 * F, seg_sizes)
@@ -954,6 +1071,36 @@ def sparse_mlp(x: torch.Tensor, w_gu: torch.Tensor, thr_gu: torch.Tensor, seg_si
         dcfg = tuned if tuned and tuned.get("algo") == "stream" else DOWN_STREAM
     return _stream_launch(idx, xv, cnt, w_down, None, out, (N,), thr, nchunk, block_n, dcfg,
                           residual=residual.contiguous())
+
+
+# `sparse_mlp` in two launches (`_mlp_kernel`: intermediate channels per program, list rows per step of gate/up,
+# whole down rows per step) where it would take three stream launches; None: three. Measured on an H200 (runs X, AA,
+# AD in docs/BENCHMARKS.md): decode 348.8 / 347.5 / 349.6 tok/s against 343.8 / 342.3 / 342.8 in three launches,
+# same processes; the MLP alone ties (56.3-58.1 against 57.2-57.9 us).
+MLP_FUSED: Optional[dict] = dict(algo="fused", block_f=64, rows=64, rows_d=4, num_warps=8)
+
+
+def _fused_mlp(x, w_gu, thr, scales_gu, bias_gu, norm, w_down, thr_down, scale_down, residual, cfg):
+    """`sparse_mlp` in two launches: the compaction (norm fused), then `_mlp_kernel`."""
+    K = x.shape[1]
+    F, N = w_down.shape
+    dev = x.device
+    ch = min(triton.next_power_of_2(K), cfg.get("compact_ch", 1024))
+    nchunk = triton.cdiv(K, ch)
+    lists = _lists(dev, 2, K, nchunk)
+    _compact(x, thr, scales_gu, norm, lists, ch, _norm_warps(K))
+    if scale_down is not None:
+        scale_down = scale_down.to(device=dev, dtype=torch.float32).reshape(-1).contiguous()
+    ws, done = _workspace(dev, 1, N, 1)
+    out = torch.empty(1, N, dtype=x.dtype, device=dev)
+    bf = cfg["block_f"]
+    _mlp_kernel[(F // bf,)](*lists, w_gu, bias_gu if bias_gu is not None else thr, thr_down,
+                            scale_down if scale_down is not None else thr, w_down, residual.contiguous(), out, ws,
+                            done, *_lists(dev, 1, F, F // bf), K, F, N, HAS_BIAS=bias_gu is not None,
+                            HAS_SCALE=scale_down is not None, BLOCK_F=bf, ROWS=cfg.get("rows", 64),
+                            ROWS_D=cfg.get("rows_d", 4), BLOCK_OUT=triton.next_power_of_2(N), NCHUNK=nchunk, CH=ch,
+                            **pdl_args(dev), num_warps=cfg.get("num_warps", 8), num_stages=1)
+    return out
 
 
 # Per-shape configs found by a tuning run (benchmarks/gpu_suite.py); consulted by sparse_gemv_segments.

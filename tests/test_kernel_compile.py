@@ -29,11 +29,14 @@ def test_decode_kernels_compile_for_h200_without_spills():
     rows = json.loads(res.stdout.strip().splitlines()[-1])
     kernels = {r["kernel"] for r in rows}
     assert {"_sparse_gemv_kernel", "_compact_kernel", "_stream_kernel", "_rmsnorm_kernel", "_rope_attention_kernel",
-            "_argmax_part_kernel", "_glu_kernel"} <= kernels, kernels
+            "_argmax_part_kernel", "_glu_kernel", "_mlp_kernel"} <= kernels, kernels
     steps = {r["variant"].rsplit(" #", 1)[0] for r in rows}
     assert {"qkv wina", "o teal", "mlp wina", "mlp teal", "dense", "attention"} <= steps, steps
     # the MLP's three launches: compaction (norm fused), gate/up stream with down's list epilogue, down stream
     assert [r["kernel"] for r in rows if r["variant"].startswith("mlp wina")] == [
         "_compact_kernel", "_stream_kernel", "_stream_kernel"]
+    # or two: compaction, then gate/up and down in one launch (`MLP_FUSED`)
+    assert [r["kernel"] for r in rows if r["variant"].startswith("mlp fused wina")] == [
+        "_compact_kernel", "_mlp_kernel"]
     for r in rows:  # registers within the limit, nothing spilled to local memory
         assert r["regs"] is not None and r["regs"] <= 255 and r["local"] == 0, r

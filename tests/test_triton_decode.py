@@ -127,6 +127,19 @@ def test_sparse_mlp_matches_reference(teal, with_bias):
                           config=dict(algo="stream", block_n=16, rows=4, split=4, compact_ch=32),
                           down_config=dict(block_n=32, rows=4, split=4))
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # two launches (compaction, `_mlp_kernel`): the lists in chunks of 32 channels (3 per segment), programs of 16
+    # channels, lists 4 rows a step, down 2 whole rows (80 columns in a block of 128) a step; twice (the done counter
+    # and the workspace reset themselves)
+    fused = dict(algo="fused", block_f=16, rows=4, rows_d=2, num_warps=4, compact_ch=32)
+    for _ in range(2):
+        y = tk.sparse_mlp(x, w_gu, t_gu, (H, H), s_gu, bias, (gain, 1e-5), w_d, t_d, s_d, res, config=fused)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # no active gate/up input: empty lists, gate/up = bias, down of silu(bias_g) * bias_u (or nothing at all)
+    none = torch.full((2,), float("inf"))
+    act0 = F.silu(gu[:, :H] * 0 + (0 if bias is None else bias[:H])) * (0 if bias is None else bias[H:])
+    ref0 = res + tk.reference_sparse_gemv(act0, w_d, t_d, s_d)
+    y = tk.sparse_mlp(x, w_gu, none, (H, H), s_gu, bias, (gain, 1e-5), w_d, t_d, s_d, res, config=fused)
+    torch.testing.assert_close(y, ref0, rtol=1e-5, atol=1e-5)
     # a split-K gate/up config: not this path (the caller runs gate/up, then down with silu·mul inside)
     assert tk.sparse_mlp(x, w_gu, t_gu, (H, H), s_gu, bias, (gain, 1e-5), w_d, t_d, s_d, res,
                          config=dict(block_n=32, block_k=16, k_per_split=32)) is None
@@ -186,13 +199,17 @@ class _Counting:
         return y
 
 
-@pytest.mark.parametrize("sparse,stream", [(None, False), (True, False), (True, True)])
-def test_fused_decode_step_matches_plain_path(sparse, stream, monkeypatch):
+@pytest.mark.parametrize("sparse,stream,fused_mlp", [(None, False, False), (True, False, False), (True, True, False),
+                                                     (True, True, True)])
+def test_fused_decode_step_matches_plain_path(sparse, stream, fused_mlp, monkeypatch):
     """Whole decode steps (dense and sparse at calibrated 50 % thresholds) through FusedDecodeStep equal the plain
     block path in fp32, and the fused step really ran on every block of every step. `stream`: q/k/v and gate/up run
     the stream kernel with the RMSNorm fused into its compaction launch (the GPU's choice for gate/up); otherwise
     the split-K kernel with the norm computed in each program (dense: over every row for o and down). With stream,
-    sparse, the MLP takes `sparse_mlp` (down streams the channels gate/up's last programs listed)."""
+    sparse, the MLP takes `sparse_mlp`: in three launches (down streams the channels gate/up's last programs
+    listed), or with `fused_mlp` in two (compaction, then `_mlp_kernel`; gate/up then never streams)."""
+    monkeypatch.setattr(tk, "MLP_FUSED", dict(algo="fused", block_f=32, rows=4, rows_d=2, num_warps=4)
+                        if fused_mlp else None)
     hf = wb.synthetic_hf(SMALL, "cpu", torch.float32, layers=2)
     dec = wb.decoder_from_hf(hf)
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
@@ -223,8 +240,9 @@ def test_fused_decode_step_matches_plain_path(sparse, stream, monkeypatch):
         outs[fast] = teacher_forced_logits(dec, ids[:, :18], 14, sparse, use_graph=False)
     disable_fast_path(dec)
     assert len(calls) == 2 * 4
-    assert streamed == ([True] * 2 * 2 * 4 if stream else [])  # q/k/v and gate/up, normed, 2 blocks, 4 steps
-    # sparse: gate/up's epilogue lists down's active channels (down streams them) where gate/up streams
+    # q/k/v and gate/up (unless the fused MLP takes it), normed, 2 blocks, 4 steps
+    assert streamed == ([True] * (1 if sparse and fused_mlp else 2) * 2 * 4 if stream else [])
+    # sparse: `sparse_mlp` answers where gate/up's config streams (in two launches with fused_mlp, else three)
     assert mlps == ([stream] * 2 * 4 if sparse else [])
     assert all(blk.decode_step is None for blk in dec.blocks)
     torch.testing.assert_close(outs[True], outs[False], rtol=1e-4, atol=1e-4)
