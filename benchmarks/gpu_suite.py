@@ -18,7 +18,8 @@
 4. acceptance lines; with --long-context the same decode after long prompts; with --profile the per-kernel profile
    of decode (gpu_profile.py); one JSON line (also written to $OUT/gpu_suite.json when OUT is set).
 --tune-mlp times the sparse MLP alone in two launches (several `_mlp_kernel` shapes) and in three; --mlp-ab times
-the decode loop again with the MLP in three launches and with one compaction program per segment (same process).
+the decode loop again with the MLP in three launches and with its compaction in chunks of 4096 and 1024 channels
+(same process).
 """
 
 from __future__ import annotations
@@ -565,8 +566,10 @@ def main():
     bench = wb.run_bench(synthetic="llama3-8b", device=DEV, dtype="bfloat16", sparsity=0.5, tokens=args.tokens,
                          hf_compile=not args.hf_eager, skip_hf=args.no_hf, log=log,
                          ablate={"mlp in three launches": {"MLP_FUSED": None},
-                                 "mlp in two, one compaction program per segment": {
-                                     "MLP_FUSED": dict(tk.MLP_FUSED or {}, compact_ch=4096)}} if args.mlp_ab else None)
+                                 "mlp in two, compaction chunks of 4096": {
+                                     "MLP_FUSED": dict(tk.MLP_FUSED or {}, compact_ch=4096)},
+                                 "mlp in two, compaction chunks of 1024": {
+                                     "MLP_FUSED": dict(tk.MLP_FUSED or {}, compact_ch=1024)}} if args.mlp_ab else None)
     res["bench"] = bench  # bench["no_pdl"]: the same decode loop without programmatic dependent launch
     lay = bench["layer"]["0.5"]
     acc = {

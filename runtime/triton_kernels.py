@@ -1074,10 +1074,10 @@ def sparse_mlp(x: torch.Tensor, w_gu: torch.Tensor, thr_gu: torch.Tensor, seg_si
 
 
 # `sparse_mlp` in two launches (`_mlp_kernel`: intermediate channels per program, list rows per step of gate/up,
-# whole down rows per step) where it would take three stream launches; None: three. Measured on an H200 (runs X, AA,
-# AD in docs/BENCHMARKS.md): decode 348.8 / 347.5 / 349.6 tok/s against 343.8 / 342.3 / 342.8 in three launches,
-# same processes; the MLP alone ties (56.3-58.1 against 57.2-57.9 us).
-MLP_FUSED: Optional[dict] = dict(algo="fused", block_f=64, rows=64, rows_d=4, num_warps=8)
+# whole down rows per step, compaction chunk) where it would take three stream launches; None: three. Measured on an
+# H200 (runs X-AG in docs/BENCHMARKS.md): decode 347.1-350.3 tok/s against 341.8-343.8 in three launches, same
+# processes; the MLP alone ties (56.3-58.1 against 57.2-57.9 us).
+MLP_FUSED: Optional[dict] = dict(algo="fused", block_f=64, rows=64, rows_d=4, num_warps=8, compact_ch=2048)
 
 
 def _fused_mlp(x, w_gu, thr, scales_gu, bias_gu, norm, w_down, thr_down, scale_down, residual, cfg):
