@@ -3,7 +3,8 @@
 The host code of the Llama-3-8B-shaped decode step (q/k/v, attention, o, the MLP both ways, the dense side, argmax)
 runs on CPU tensors while every Triton launch is recorded instead of run; each recorded variant (same configs and
 constexprs as on the H200, programmatic dependent launch on) is then compiled by Triton's own toolchain (its wheel
-carries ptxas). Prints registers, spills and shared memory per variant and a hash of its machine code (SASS
+carries ptxas). Prints registers, spills, shared memory and the programs resident per SM (computed from those, for an
+H200's 132 SMs: how many waves the grid takes) per variant and a hash of its machine code (SASS
 instructions): `--against REV` builds REV's kernels the same way and names the variants whose code differs (or only
 their registers), so a refactor meant to leave the kernels alone can be checked without a GPU (the answer carries
 over to the device when the Triton versions match, both using the ptxas in Triton's wheel: `pip install --no-deps
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -44,7 +46,7 @@ def recording(records: list, step: list):
         bound = self.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in params})
         bound.apply_defaults()
         opts = {k: v for k, v in kwargs.items() if k not in params}
-        records.append((step[0], self, dict(bound.arguments), opts))
+        records.append((step[0], self, dict(bound.arguments), dict(opts, grid=tuple(grid))))
 
     JITFunction.run = record
     try:
@@ -155,12 +157,29 @@ def compile_all(arch: int) -> list[dict]:
         k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32), options=options)
         regs, local = _resources(k.asm["cubin"])
         code = _sass(k.asm["cubin"])
+        shared = getattr(k.metadata, "shared", 0) or 0
+        per_sm = programs_per_sm(regs or 255, k.metadata.num_warps, shared)
+        programs = math.prod(opts["grid"])
         out.append({"variant": f"{label} #{n}", "kernel": fn.__name__, "regs": regs, "local": local,
-                    "shared": getattr(k.metadata, "shared", None),
+                    "shared": shared, "per_sm": per_sm, "programs": programs,
+                    "waves": -(-programs // (per_sm * SM90["sms"])) if per_sm else None,
                     "sass_lines": code.count("\n"), "sass_sha": hashlib.sha1(code.encode()).hexdigest()[:12],
                     "canonical_sha": hashlib.sha1(_canonical(code).encode()).hexdigest()[:12],
                     "key_sha": hashlib.sha1(key.encode()).hexdigest()[:12], "compile_s": time.perf_counter() - t0})
     return out
+
+
+# Per-SM limits of sm_90 (H100 / H200; the H200 has 132 SMs) for the resident-programs estimate.
+SM90 = {"regs": 65536, "warps": 64, "programs": 32, "shared": 233472, "shared_reserved": 1024, "sms": 132}
+
+
+def programs_per_sm(regs: int, warps: int, shared: int) -> int:
+    """Programs of a kernel resident at once on one sm_90 SM (computed, not measured): registers are allocated per
+    warp in units of 256, each program also holds 1 KB of shared memory reserved by the runtime. A grid larger than
+    this times the SM count runs in more than one wave."""
+    per_warp = -(-regs * 32 // 256) * 256
+    return max(0, min(SM90["regs"] // (per_warp * warps), SM90["warps"] // warps, SM90["programs"],
+                      SM90["shared"] // (shared + SM90["shared_reserved"])))
 
 
 def _cuobjdump(cubin: bytes, flag: str) -> str:
@@ -217,7 +236,8 @@ def main() -> int:
         print(f"triton {triton.__version__}, sm_{args.arch}: {len(rows)} kernel variants")
         for r in rows:
             print(f"  {r['variant']:22s} {r['kernel']:24s} regs {r['regs']!s:>4} local {r['local']!s:>4} "
-                  f"shared {r['shared']!s:>6}  sass {r['sass_lines']:5d} lines  {r['sass_sha']}")
+                  f"shared {r['shared']!s:>6}  {r['programs']:5d} programs, {r['per_sm']:2d}/SM, {r['waves']} wave(s)"
+                  f"  sass {r['sass_lines']:5d} lines  {r['sass_sha']}")
     if args.against:
         with tempfile.TemporaryDirectory() as tmp:
             wt = Path(tmp) / "rev"
