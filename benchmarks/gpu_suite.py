@@ -416,9 +416,10 @@ def tune_mlp() -> dict:
     res = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
     cands = [("three launches", tk.pick_config(1, K, 2 * H, (H, H)))] + [
         (f"two: block_f {f}, rows {r}, down rows {d}, {w} warps",
-         dict(algo="fused", block_f=f, rows=r, rows_d=d, num_warps=w)) for f, r, d, w in MLP_FUSED_GRID] + [
+         dict(tk.MLP_FUSED or {}, algo="fused", block_f=f, rows=r, rows_d=d, num_warps=w))
+        for f, r, d, w in MLP_FUSED_GRID] + [
         ("two: the default with one compaction program per segment (4096 channels each)",
-         dict(tk.MLP_FUSED, compact_ch=4096))]
+         dict(tk.MLP_FUSED or {}, algo="fused", compact_ch=4096))]
     rows = []
     for name, cfg in cands:
         calls = [lambda w=w, dw=dw, c=cfg: tk.sparse_mlp(x, w, thr, (H, H), sc, None, (gain, NORM_EPS), dw, t_d, s_d,
@@ -548,7 +549,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="then per-kernel profile of decode (gpu_profile.py)")
     ap.add_argument("--no-tune", action="store_true", help="skip the sweep: default configs, as `wina bench` runs")
     ap.add_argument("--tune-mlp", action="store_true", help="time the sparse MLP's variants (report only)")
-    ap.add_argument("--mlp-ab", action="store_true", help="then decode with the MLP in three launches too")
+    ap.add_argument("--mlp-ab", action="store_true",
+                    help="then decode with the MLP in three launches and with other compaction chunks too")
     ap.add_argument("--long-context", default="", help="comma-separated prompt lengths: decode after long prompts")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
