@@ -99,12 +99,12 @@ def drive(step: list) -> None:
 
 
 def _specialize(v, specialize: bool) -> tuple:
-    """(Triton type, "D" when divisible by 16) of a launch argument, as `JITFunction.run` derives them."""
+    """(Triton type, whether it is known divisible by 16) of a launch argument, as `JITFunction.run` derives them."""
     try:
         from triton._C.libtriton import native_specialize_impl
         from triton.backends.compiler import BaseBackend
     except ImportError:  # another Triton: types only
-        return _type(v), ""
+        return _type(v), False
     kind, attr = native_specialize_impl(BaseBackend, v, False, specialize, True)[:2]
     return kind, attr == "D"
 

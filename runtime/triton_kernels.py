@@ -688,12 +688,15 @@ if HAVE_TRITON:
     @triton.jit
     def _write_list(idx_ptr, xv_ptr, cnt_ptr, base, offs, xv, act):
         """One chunk of a stream list: the active channels' indices and fp32 values packed from slot `base` on,
-        their count at cnt_ptr (the compaction launch and gate/up's pair epilogue write the same format)."""
+        their count at cnt_ptr (the compaction launch, gate/up's pair epilogue and `_mlp_kernel` write the same
+        format). Returns the count."""
         a32 = act.to(tl.int32)
         pos = base + tl.cumsum(a32, 0) - 1
         tl.store(idx_ptr + pos, offs, mask=act)
         tl.store(xv_ptr + pos, xv, mask=act)
-        tl.store(cnt_ptr + tl.arange(0, 1), tl.sum(a32, 0) + tl.zeros([1], dtype=tl.int32))
+        n = tl.sum(a32, 0)
+        tl.store(cnt_ptr + tl.arange(0, 1), n + tl.zeros([1], dtype=tl.int32))
+        return n
 
     @triton.jit
     def _compact_kernel(x_ptr, thr_ptr, scale_ptr, idx_ptr, xv_ptr, cnt_ptr, K, NCHUNK, norm_ptr, eps,
@@ -725,18 +728,38 @@ if HAVE_TRITON:
         _write_list(idx_ptr + seg * K, xv_ptr + seg * K, cnt_ptr + seg * NCHUNK + c, c * CH, offs, xv, act)
 
     @triton.jit
+    def _list_idx(idx_ptr, xv_ptr, r, n, ROWS: tl.constexpr, ends=None, gaps=None):
+        """Indices and fp32 values of list entries [r, r + ROWS) (masked beyond the list's n entries). A list stored
+        in chunks (the compaction launch's: chunk c's entries first in its slots) has its chunks' cumulative counts
+        in `ends` and their empty slots in `gaps`: entry v lives at v + the gaps of the chunks it comes after."""
+        offs_r = r + tl.arange(0, ROWS)
+        rm = offs_r < n
+        if ends is not None:
+            offs_r += tl.sum(tl.where(offs_r[:, None] >= ends[None, :], gaps[None, :], 0), 1)
+        ii = tl.load(idx_ptr + offs_r, mask=rm, other=0).to(tl.int64)
+        return ii, tl.load(xv_ptr + offs_r, mask=rm, other=0.0), rm
+
+    @triton.jit
+    def _chunked_list(cnt_ptr, NCHUNK: tl.constexpr, CH: tl.constexpr):
+        """(entry count, chunk ends, chunk gaps) of a list the compaction launch wrote in NCHUNK chunks of CH slots."""
+        c = tl.arange(0, triton.next_power_of_2(NCHUNK))
+        cn = tl.load(cnt_ptr + c, mask=c < NCHUNK, other=0)
+        return tl.sum(cn, 0), tl.cumsum(cn, 0), CH - cn
+
+    @triton.jit
+    def _list_rows(w_ptr, ii, mask, stride_wk, offs_n):
+        """The weight rows `ii` (int64) at columns offs_n, where `mask` ([rows, 1] or [rows, columns]) holds."""
+        return tl.load(w_ptr + ii[:, None] * stride_wk + offs_n[None, :], mask=mask, other=0.0)
+
+    @triton.jit
     def _stream_tile(idx_ptr, xv_ptr, w_ptr, seg, K, r, hi, stride_wk, offs_n, n_in, ROWS: tl.constexpr,
                      EVEN_N: tl.constexpr):
-        offs_r = r + tl.arange(0, ROWS)
-        rm = offs_r < hi
-        ii = tl.load(idx_ptr + seg * K + offs_r, mask=rm, other=0).to(tl.int64)
-        xx = tl.load(xv_ptr + seg * K + offs_r, mask=rm, other=0.0)
+        ii, xx, rm = _list_idx(idx_ptr + seg * K, xv_ptr + seg * K, r, hi, ROWS)
         if EVEN_N:
             wm = rm[:, None]
         else:
             wm = rm[:, None] & n_in[None, :]
-        w = tl.load(w_ptr + ii[:, None] * stride_wk + offs_n[None, :], mask=wm, other=0.0)
-        return xx, w
+        return xx, _list_rows(w_ptr, ii, wm, stride_wk, offs_n)
 
     @triton.jit
     def _glu_compact(out_ptr, pid_n, nthr_ptr, nscale_ptr, nidx_ptr, nxv_ptr, ncnt_ptr, pcnt_ptr,
@@ -827,29 +850,6 @@ if HAVE_TRITON:
                               nthr_ptr, nscale_ptr, nidx_ptr, nxv_ptr, ncnt_ptr, pcnt_ptr, NEXT_SCALE, BLOCK_N)
 
     @triton.jit
-    def _list_idx(idx_ptr, xv_ptr, r, n, ROWS: tl.constexpr, ends=None, gaps=None):
-        """Indices and fp32 values of list entries [r, r + ROWS) (masked beyond the list's n entries). A list stored
-        in chunks (the compaction launch's: chunk c's entries first in its slots) has its chunks' cumulative counts
-        in `ends` and their empty slots in `gaps`: entry v lives at v + the gaps of the chunks it comes after."""
-        offs_r = r + tl.arange(0, ROWS)
-        rm = offs_r < n
-        if ends is not None:
-            offs_r += tl.sum(tl.where(offs_r[:, None] >= ends[None, :], gaps[None, :], 0), 1)
-        ii = tl.load(idx_ptr + offs_r, mask=rm, other=0).to(tl.int64)
-        return ii, tl.load(xv_ptr + offs_r, mask=rm, other=0.0), rm
-
-    @triton.jit
-    def _chunked_list(cnt_ptr, NCHUNK: tl.constexpr, CH: tl.constexpr):
-        """(entry count, chunk ends, chunk gaps) of a list the compaction launch wrote in NCHUNK chunks of CH slots."""
-        c = tl.arange(0, triton.next_power_of_2(NCHUNK))
-        cn = tl.load(cnt_ptr + c, mask=c < NCHUNK, other=0)
-        return tl.sum(cn, 0), tl.cumsum(cn, 0), CH - cn
-
-    @triton.jit
-    def _list_rows(w_ptr, ii, rm, stride_wk, offs_f):
-        return tl.load(w_ptr + ii[:, None] * stride_wk + offs_f[None, :], mask=rm[:, None], other=0.0)
-
-    @triton.jit
     def _mlp_kernel(idx_ptr, xv_ptr, cnt_ptr, wgu_ptr, bgu_ptr, thr_ptr, dscale_ptr, wd_ptr, res_ptr, out_ptr,
                     ws_ptr, done_ptr, didx_ptr, dxv_ptr, dcnt_ptr, K, F, N,
                     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_F: tl.constexpr, ROWS: tl.constexpr,
@@ -880,15 +880,15 @@ if HAVE_TRITON:
         # gate's and up's rows step together; each step's indices are loaded two steps ahead, its rows one
         gi, gx, gm = _list_idx(idx_ptr, xv_ptr, 0, n_g, ROWS, e_g, p_g)
         ui, ux, um = _list_idx(idx_ptr + K, xv_ptr + K, 0, n_u, ROWS, e_u, p_u)
-        gw = _list_rows(wgu_ptr, gi, gm, s_gu, offs_f)
-        uw = _list_rows(wgu_ptr + F, ui, um, s_gu, offs_f)
+        gw = _list_rows(wgu_ptr, gi, gm[:, None], s_gu, offs_f)
+        uw = _list_rows(wgu_ptr + F, ui, um[:, None], s_gu, offs_f)
         gi, gx2, gm = _list_idx(idx_ptr, xv_ptr, ROWS, n_g, ROWS, e_g, p_g)
         ui, ux2, um = _list_idx(idx_ptr + K, xv_ptr + K, ROWS, n_u, ROWS, e_u, p_u)
         acc_g = tl.zeros([ROWS, BLOCK_F], dtype=tl.float32)
         acc_u = tl.zeros([ROWS, BLOCK_F], dtype=tl.float32)
         for r in range(2 * ROWS, tl.maximum(n_g, n_u) + 2 * ROWS, ROWS):
-            gw2 = _list_rows(wgu_ptr, gi, gm, s_gu, offs_f)
-            uw2 = _list_rows(wgu_ptr + F, ui, um, s_gu, offs_f)
+            gw2 = _list_rows(wgu_ptr, gi, gm[:, None], s_gu, offs_f)
+            uw2 = _list_rows(wgu_ptr + F, ui, um[:, None], s_gu, offs_f)
             gi, gx3, gm = _list_idx(idx_ptr, xv_ptr, r, n_g, ROWS, e_g, p_g)
             ui, ux3, um = _list_idx(idx_ptr + K, xv_ptr + K, r, n_u, ROWS, e_u, p_u)
             acc_g += gx[:, None] * gw.to(tl.float32)
@@ -907,17 +907,16 @@ if HAVE_TRITON:
             act = tl.abs(h) >= t
         # down: list this program's active channels, then stream exactly their rows, ROWS_D whole rows a step
         base = pid * BLOCK_F
-        _write_list(didx_ptr, dxv_ptr, dcnt_ptr + pid, base, offs_f, h, act)
-        n_d = tl.sum(act.to(tl.int32), 0)
+        n_d = _write_list(didx_ptr, dxv_ptr, dcnt_ptr + pid, base, offs_f, h, act)
         tl.debug_barrier()  # the list's stores precede its loads (same CTA)
         offs_o = tl.arange(0, BLOCK_OUT)
         o_in = offs_o < N
         acc = tl.zeros([BLOCK_OUT], dtype=tl.float32)
         di, dx, dm = _list_idx(didx_ptr + base, dxv_ptr + base, 0, n_d, ROWS_D)
-        w = tl.load(wd_ptr + di[:, None] * N + offs_o[None, :], mask=dm[:, None] & o_in[None, :], other=0.0)
+        w = _list_rows(wd_ptr, di, dm[:, None] & o_in[None, :], N, offs_o)
         for r in range(ROWS_D, n_d + ROWS_D, ROWS_D):
             di, dx2, dm = _list_idx(didx_ptr + base, dxv_ptr + base, r, n_d, ROWS_D)
-            w2 = tl.load(wd_ptr + di[:, None] * N + offs_o[None, :], mask=dm[:, None] & o_in[None, :], other=0.0)
+            w2 = _list_rows(wd_ptr, di, dm[:, None] & o_in[None, :], N, offs_o)
             acc += tl.sum(dx[:, None] * w.to(tl.float32), 0)
             dx, w = dx2, w2
         tl.atomic_add(ws_ptr + offs_o, acc, mask=o_in, sem="relaxed")
@@ -949,26 +948,27 @@ def _lists(device, nseg: int, K: int, nchunk: int):
 def _stream_gemv(x, w_t, thr, seg_sizes, scales, bias, out, cfg, norm=None, glu_next=None):
     """The two-phase path: compaction launch, then `_stream_launch`. `glu_next` = (threshold [1], scale [K2] or
     None) of a down projection fed by this gate/up (see `sparse_mlp`)."""
-    K = x.shape[1]
-    ch = min(triton.next_power_of_2(K), cfg.get("compact_ch", 1024))
-    nchunk = triton.cdiv(K, ch)
-    idx, xv, cnt = _lists(x.device, len(seg_sizes), K, nchunk)
-    if not cfg.get("skip_compact"):  # benchmarks only: reuse the lists of the previous call (same x)
-        _compact(x, thr, scales, norm, (idx, xv, cnt), ch, cfg.get("compact_warps", 4))
+    # benchmarks only (skip_compact): reuse the lists of the previous call (same x)
+    (idx, xv, cnt), nchunk, ch = _compact(x, thr, scales, norm, cfg, launch=not cfg.get("skip_compact"))
     return _stream_launch(idx, xv, cnt, w_t, bias, out, seg_sizes, thr, nchunk, ch, cfg, glu_next=glu_next)
 
 
-def _compact(x, thr, scales, norm, lists, ch: int, warps: int) -> None:
-    """The compaction launch: each segment's active channels of x (RMSNorm(x) with `norm`), in chunks of `ch`."""
+def _compact(x, thr, scales, norm, cfg: dict, launch: bool = True) -> tuple:
+    """The compaction launch: each segment's (one per threshold) active channels of x (RMSNorm(x) with `norm`) in
+    chunks of cfg's compact_ch (1024 by default). Returns (the cached lists, chunks per segment, chunk size)."""
     K = x.shape[1]
-    idx, xv, cnt = lists
-    if norm is not None:  # the norm's row reduction must see the layout of `rms_norm`: same warps
-        warps = _norm_warps(K)
+    ch = min(triton.next_power_of_2(K), cfg.get("compact_ch", 1024))
     nchunk = triton.cdiv(K, ch)
-    _compact_kernel[(thr.numel(), nchunk)](x, thr, scales if scales is not None else thr, idx, xv, cnt, K, nchunk,
-                                           thr if norm is None else norm[0], 0.0 if norm is None else float(norm[1]),
-                                           HAS_SCALE=scales is not None, CH=ch, HAS_NORM=norm is not None,
-                                           BLOCK_ROW=triton.next_power_of_2(K), num_warps=warps, **pdl_args(x.device))
+    idx, xv, cnt = lists = _lists(x.device, thr.numel(), K, nchunk)
+    # with a norm, its row reduction must see the layout of `rms_norm`: the same warps
+    warps = _norm_warps(K) if norm is not None else cfg.get("compact_warps", 4)
+    if launch:
+        _compact_kernel[(thr.numel(), nchunk)](x, thr, scales if scales is not None else thr, idx, xv, cnt, K,
+                                               nchunk, thr if norm is None else norm[0],
+                                               0.0 if norm is None else float(norm[1]), HAS_SCALE=scales is not None,
+                                               CH=ch, HAS_NORM=norm is not None, BLOCK_ROW=triton.next_power_of_2(K),
+                                               num_warps=warps, **pdl_args(x.device))
+    return lists, nchunk, ch
 
 
 def _stream_launch(idx, xv, cnt, w_t, bias, out, seg_sizes, dummy, nchunk: int, ch: int, cfg: dict,
@@ -1046,21 +1046,21 @@ def sparse_mlp(x: torch.Tensor, w_gu: torch.Tensor, thr_gu: torch.Tensor, seg_si
         return None
     cfg = config or TUNED.get((1, K, 2 * F, seg_sizes, "norm")) or pick_config(1, K, 2 * F, seg_sizes, x.device)
     fused = config or (MLP_FUSED if cfg.get("algo") == "stream" else None)
-    if fused and fused.get("algo") == "fused" and F % fused["block_f"] == 0:
-        return _fused_mlp(x, w_gu, _as_f32_vec(thr_gu, 2, x.device), scales_gu, bias_gu, norm, w_down,
-                          _as_f32_vec(thr_down, 1, x.device), scale_down, residual, fused)
-    if cfg.get("algo") != "stream":
-        return None
-    block_n = _fix_block_n(cfg.get("block_n", 128), 2 * F, seg_sizes)
-    if F % block_n:  # the (gate block j, up block j) pairs must be whole column blocks
-        return None
+    if not (fused and fused.get("algo") == "fused" and F % fused["block_f"] == 0):
+        fused = None
+        if cfg.get("algo") != "stream":
+            return None
+        block_n = _fix_block_n(cfg.get("block_n", 128), 2 * F, seg_sizes)
+        if F % block_n:  # the (gate block j, up block j) pairs must be whole column blocks
+            return None
     dev = x.device
-    thr = _as_f32_vec(thr_gu, 2, dev)
+    thr, thr_down = _as_f32_vec(thr_gu, 2, dev), _as_f32_vec(thr_down, 1, dev)
     if scale_down is not None:
-        scale_down = scale_down.to(device=dev, dtype=torch.float32).reshape(-1)
+        scale_down = scale_down.to(device=dev, dtype=torch.float32).reshape(-1).contiguous()
+    if fused is not None:
+        return _fused_mlp(x, w_gu, thr, scales_gu, bias_gu, norm, w_down, thr_down, scale_down, residual, fused)
     gu = torch.empty(1, 2 * F, dtype=x.dtype, device=dev)
-    _stream_gemv(x, w_gu, thr, seg_sizes, scales_gu, bias_gu, gu, dict(cfg), norm,
-                 glu_next=(_as_f32_vec(thr_down, 1, dev), scale_down))
+    _stream_gemv(x, w_gu, thr, seg_sizes, scales_gu, bias_gu, gu, dict(cfg), norm, glu_next=(thr_down, scale_down))
     nchunk = F // block_n
     idx, xv, cnt = _lists(dev, 1, F, nchunk)  # written by gate/up's pair epilogues: chunk j = channels of pair j
     N = w_down.shape[1]
@@ -1085,12 +1085,7 @@ def _fused_mlp(x, w_gu, thr, scales_gu, bias_gu, norm, w_down, thr_down, scale_d
     K = x.shape[1]
     F, N = w_down.shape
     dev = x.device
-    ch = min(triton.next_power_of_2(K), cfg.get("compact_ch", 1024))
-    nchunk = triton.cdiv(K, ch)
-    lists = _lists(dev, 2, K, nchunk)
-    _compact(x, thr, scales_gu, norm, lists, ch, _norm_warps(K))
-    if scale_down is not None:
-        scale_down = scale_down.to(device=dev, dtype=torch.float32).reshape(-1).contiguous()
+    lists, nchunk, ch = _compact(x, thr, scales_gu, norm, cfg)
     ws, done = _workspace(dev, 1, N, 1)
     out = torch.empty(1, N, dtype=x.dtype, device=dev)
     bf = cfg["block_f"]
