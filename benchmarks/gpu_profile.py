@@ -7,6 +7,10 @@ step of `runtime.decode.DecodeRunner`, replays it under torch.profiler and reads
 replays from the Chrome trace. Kernels of a graph with programmatic dependent launch overlap (the next one is
 resident and waiting before the previous ends), so a kernel's "effective" time is its end minus the previous
 kernel's end: what it adds to the token. Prints, per kernel name, calls per token and effective us per token.
+
+    . benchmarks/device_env.sh; cd benchmarks; python3 gpu_profile.py --mlp-timeline
+
+looks inside the sparse MLP kernel instead (`mlp_timeline`): per program, its SM and when it finishes each phase.
 """
 
 from __future__ import annotations
@@ -101,11 +105,85 @@ def run(layers: int = 32, steps: int = 4) -> dict:
     return res
 
 
+def _stats(v: torch.Tensor) -> str:
+    v = v.double()
+    return f"{v.min():7.2f} {v.median():7.2f} {v.mean():7.2f} {v.max():7.2f}"
+
+
+@torch.no_grad()
+def mlp_timeline(calls: int = 4, config: dict | None = None) -> dict:
+    """Inside `_mlp_kernel` (8B shapes, s = 0.5, random weights rotating over > 400 MB): each program's SM and the
+    global timer at its phases (`triton_kernels.MLP_TRACE`), per call: when programs pass their PDL wait, finish
+    gate/up, list down's channels, finish down, add their partial and arrive; µs from the first program's wait.
+    Shows where the kernel's time goes: the phases' spread over programs, and what the last program waits for."""
+    import gpu_suite as gs
+    from wina.runtime import triton_kernels as tk
+
+    K, H = 4096, 14336
+    gain = (torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16)
+    ws, sc, x, thr, _ = gs.problem(K, 2 * H, (H, H), norm=gain)
+    wd = [torch.randn(H, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in ws]
+    s_d = wd[0].float().norm(dim=1)
+    _, t_d = gs.mlp_act(tk.rms_norm(x, gain, gs.NORM_EPS), ws[0], thr, sc, s_d)
+    res = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    cfg = dict(tk.MLP_FUSED, **(config or {}))
+    nprog = H // cfg["block_f"]
+    bufs = [torch.zeros(nprog, 11, dtype=torch.int64, device="cuda") for _ in range(calls)]
+    try:
+        for i in range(calls + 2):  # two warm-up calls (compile), then the traced ones back to back
+            tk.MLP_TRACE = bufs[max(i - 2, 0)]
+            w = i % len(ws)
+            tk.sparse_mlp(x, ws[w], thr, (H, H), sc, None, (gain, gs.NORM_EPS), wd[w], t_d, s_d, res, config=cfg)
+            if i < 2:
+                torch.cuda.synchronize()
+        torch.cuda.synchronize()
+    finally:
+        tk.MLP_TRACE = None
+    out = []
+    print(f"\n_mlp_kernel timeline, {cfg} (us from the first program's PDL wait; min median mean max over programs)")
+    for c, b in enumerate(bufs):
+        b = b.cpu()
+        t = (b[:, 1:7] - b[:, 2].min()).double() / 1e3  # launch, wait, gate/up done, listed, down done, arrived
+        sm, n_g, n_u, n_d, last = b[:, 0], b[:, 7], b[:, 8], b[:, 9], b[:, 10]
+        per_sm = torch.bincount(sm, minlength=132)
+        shared = per_sm[sm] > 1
+        gu = t[:, 2] - t[:, 1]
+        down = t[:, 4] - t[:, 3]
+        row = {"span_us": float(t[:, 5].max()), "gate_up_us": _stats(gu), "down_us": _stats(down),
+               "n_d": _stats(n_d.float()), "end_us": _stats(t[:, 5]),
+               "wait_us": _stats(t[:, 1]), "listed_us": _stats(t[:, 3] - t[:, 2]),
+               "add_us": _stats(t[:, 5] - t[:, 4]),
+               "gate_up_alone_vs_shared_us": (float(gu[~shared].median()) if (~shared).any() else None,
+                                              float(gu[shared].median())),
+               "down_us_per_row": float((down / n_d.clamp_min(1)).median()),
+               "corr_end_rows": float(torch.corrcoef(torch.stack([t[:, 5], n_d.double()]))[0, 1]),
+               "sms_used": int((per_sm > 0).sum()), "n_g": int(n_g[0]), "n_u": int(n_u[0]),
+               "last_program_end_us": float(t[last.bool(), 5].max())}
+        out.append(row)
+        print(f"call {c}: span {row['span_us']:.2f} us on {row['sms_used']} SMs, lists {row['n_g']}+{row['n_u']} rows")
+        print(f"  wait passed   {row['wait_us']}")
+        print(f"  gate/up       {row['gate_up_us']}  (median alone on its SM / sharing: "
+              f"{row['gate_up_alone_vs_shared_us'][0]:.2f} / {row['gate_up_alone_vs_shared_us'][1]:.2f})")
+        print(f"  listed        {row['listed_us']}")
+        print(f"  down rows     {row['n_d']}")
+        print(f"  down          {row['down_us']}  ({row['down_us_per_row']:.3f} us per row)")
+        print(f"  added         {row['add_us']}")
+        print(f"  arrived       {row['end_us']}  (corr with down rows {row['corr_end_rows']:.2f}; "
+              f"last program done {row['last_program_end_us']:.2f})")
+    del ws, wd
+    torch.cuda.empty_cache()
+    return {"calls": out}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--mlp-timeline", action="store_true", help="only the trace inside _mlp_kernel")
     args = ap.parse_args()
+    if args.mlp_timeline:
+        print(json.dumps(mlp_timeline()))
+        return
     print(json.dumps(run(args.layers, args.steps)))
 
 

@@ -19,12 +19,13 @@
    of decode (gpu_profile.py); one JSON line (also written to $OUT/gpu_suite.json when OUT is set).
 --tune-mlp times the sparse MLP alone in two launches (several `_mlp_kernel` shapes) and in three; --mlp-ab times
 the decode loop again with the MLP in three launches and with its compaction in chunks of 4096 and 1024 channels
-(same process).
+(same process); --ablate SETTING=VALUE times it again with any `triton_kernels` setting changed.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -389,17 +390,17 @@ def tune(budget_s: float) -> dict:
     return results
 
 
-# `_mlp_kernel` configs (block_f channels per program, list rows per step, down rows per step, warps); registers per
-# program under triton 3.6.0 (kernel_compile.py, WINA) in the comments: 2 programs of 8 warps per SM need <= 128
-MLP_FUSED_GRID = [(64, 64, 4, 8),  # 128, the default (`MLP_FUSED`)
-                  (64, 64, 2, 8),  # 124
-                  (64, 32, 4, 8),  # 80
-                  (128, 32, 4, 8),  # 128
-                  (32, 128, 4, 8),  # 128
-                  (128, 64, 4, 16),  # 118
-                  (64, 64, 8, 8),  # 156
-                  (64, 32, 2, 4),  # 130
-                  (32, 64, 4, 4)]  # 195
+# `_mlp_kernel` configs timed by --tune-mlp: (channels per program, warps, list rows per gate/up step, down rows per
+# step, stages of Triton's pipeliner for the gate/up and the down loop; 1 = not pipelined); registers per program
+# under triton 3.6.0 (kernel_compile.py, WINA) and programs per SM in the comments. Session 7 swept channels / rows /
+# down rows / warps with both loops pipelined by hand (docs/BENCHMARKS.md); the last three are untimed so far.
+MLP_FUSED_GRID = [(64, 8, 64, 4, 3, 3),  # 116 regs, 2/SM, the default (`MLP_FUSED`)
+                  (64, 8, 64, 4, 1, 1),  # 102, 2/SM
+                  (64, 8, 64, 4, 3, 2),  # 116, 2/SM
+                  (64, 8, 64, 2, 3, 4),  # 112, 2/SM
+                  (128, 16, 64, 4, 3, 3),  # 112, 1/SM (112 programs)
+                  (128, 8, 32, 4, 3, 3),  # 116, 2/SM (112 programs)
+                  (64, 4, 64, 4, 3, 3)]  # 204, 2/SM
 
 
 def tune_mlp() -> dict:
@@ -415,9 +416,10 @@ def tune_mlp() -> dict:
     _, t_d = mlp_act(tk.rms_norm(x, gain, NORM_EPS), ws[0], thr, sc, s_d)
     res = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
     cands = [("three launches", tk.pick_config(1, K, 2 * H, (H, H)))] + [
-        (f"two: block_f {f}, rows {r}, down rows {d}, {w} warps",
-         dict(tk.MLP_FUSED or {}, algo="fused", block_f=f, rows=r, rows_d=d, num_warps=w))
-        for f, r, d, w in MLP_FUSED_GRID] + [
+        (f"two: {f} channels, {w} warps, rows {r}, down rows {rd}, gate/up loop in {st} stages, down loop in {ds}",
+         dict(tk.MLP_FUSED or {}, algo="fused", block_f=f, num_warps=w, rows=r, rows_d=rd, gu_stages=st,
+              d_stages=ds))
+        for f, w, r, rd, st, ds in MLP_FUSED_GRID] + [
         ("two: the default with one compaction program per segment (4096 channels each)",
          dict(tk.MLP_FUSED or {}, algo="fused", compact_ch=4096))]
     rows = []
@@ -552,6 +554,9 @@ def main():
     ap.add_argument("--mlp-ab", action="store_true",
                     help="then decode with the MLP in three launches and with other compaction chunks too")
     ap.add_argument("--long-context", default="", help="comma-separated prompt lengths: decode after long prompts")
+    ap.add_argument("--ablate", action="append", default=[], metavar="SETTING=VALUE",
+                    help="then decode with this triton_kernels setting changed (same process; e.g. MLP_FUSED=None "
+                         "or MLP_FUSED={...}: a Python literal); repeatable")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
@@ -565,13 +570,15 @@ def main():
         res["tune"] = tune(args.tune_budget)
     if args.tune_mlp:
         res["tune_mlp"] = tune_mlp()
+    ablate = {"mlp in three launches": {"MLP_FUSED": None},
+              "mlp in two, compaction chunks of 4096": {"MLP_FUSED": dict(tk.MLP_FUSED or {}, compact_ch=4096)},
+              "mlp in two, compaction chunks of 1024": {"MLP_FUSED": dict(tk.MLP_FUSED or {}, compact_ch=1024)},
+              } if args.mlp_ab else {}
+    for a in args.ablate:
+        key, _, value = a.partition("=")
+        ablate[a] = {key: ast.literal_eval(value)}
     bench = wb.run_bench(synthetic="llama3-8b", device=DEV, dtype="bfloat16", sparsity=0.5, tokens=args.tokens,
-                         hf_compile=not args.hf_eager, skip_hf=args.no_hf, log=log,
-                         ablate={"mlp in three launches": {"MLP_FUSED": None},
-                                 "mlp in two, compaction chunks of 4096": {
-                                     "MLP_FUSED": dict(tk.MLP_FUSED or {}, compact_ch=4096)},
-                                 "mlp in two, compaction chunks of 1024": {
-                                     "MLP_FUSED": dict(tk.MLP_FUSED or {}, compact_ch=1024)}} if args.mlp_ab else None)
+                         hf_compile=not args.hf_eager, skip_hf=args.no_hf, log=log, ablate=ablate)
     res["bench"] = bench  # bench["no_pdl"]: the same decode loop without programmatic dependent launch
     lay = bench["layer"]["0.5"]
     acc = {

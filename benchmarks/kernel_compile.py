@@ -81,6 +81,14 @@ def drive(step: list) -> None:
         step[0] = f"mlp fused {method}"  # compaction, then gate/up and down in one launch
         tk.sparse_mlp(x, w_gu, e(2, dt=f32), gu_seg, sc_gu, None, (gain, eps), w_d, e(1, dt=f32), sc_d, x,
                       config=tk.MLP_FUSED)
+        if method == "wina":  # the diagnostic variant (gpu_profile.py --mlp-timeline) must compile too
+            step[0] = "mlp fused trace"
+            tk.MLP_TRACE = e(F // tk.MLP_FUSED["block_f"], 11, dt=torch.int64)
+            try:
+                tk.sparse_mlp(x, w_gu, e(2, dt=f32), gu_seg, sc_gu, None, (gain, eps), w_d, e(1, dt=f32), sc_d, x,
+                              config=tk.MLP_FUSED)
+            finally:
+                tk.MLP_TRACE = None
         step[0] = f"down split-K {method}"  # the decode step's down when gate/up runs split-K
         tk.sparse_gemv_segments(e(1, 2 * F), w_d, e(1, dt=f32), (K,), None if sc_d is None else sc_d.reshape(1, -1),
                                 residual=x, glu=True)

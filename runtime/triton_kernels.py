@@ -849,21 +849,36 @@ if HAVE_TRITON:
                 _stream_store(tot, offs_n, n_in, pid_n, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES, NEXT_GLU,
                               nthr_ptr, nscale_ptr, nidx_ptr, nxv_ptr, ncnt_ptr, pcnt_ptr, NEXT_SCALE, BLOCK_N)
 
+    TRACE_SLOTS = tl.constexpr(11)  # _mlp_kernel's trace row: SM, 6 timestamps, n_g, n_u, n_d, last
+
+    @triton.jit
+    def _trace(tr, slot, TRACE: tl.constexpr):
+        """Diagnostics only: the global timer (ns) at `slot` of this program's trace row."""
+        if TRACE:
+            tl.store(tr + slot + tl.arange(0, 1), tl.extra.cuda.globaltimer() + tl.zeros([1], dtype=tl.int64))
+
     @triton.jit
     def _mlp_kernel(idx_ptr, xv_ptr, cnt_ptr, wgu_ptr, bgu_ptr, thr_ptr, dscale_ptr, wd_ptr, res_ptr, out_ptr,
                     ws_ptr, done_ptr, didx_ptr, dxv_ptr, dcnt_ptr, K, F, N,
                     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_F: tl.constexpr, ROWS: tl.constexpr,
                     ROWS_D: tl.constexpr, BLOCK_OUT: tl.constexpr, NCHUNK: tl.constexpr, CH: tl.constexpr,
-                    USE_PDL: tl.constexpr = False):
+                    GU_STAGES: tl.constexpr, D_STAGES: tl.constexpr, USE_PDL: tl.constexpr = False,
+                    trace_ptr=None, TRACE: tl.constexpr = False):
         """The sparse MLP after the compaction launch, in one launch without a grid-wide barrier between gate/up and
         down: program p owns intermediate channels [p * BLOCK_F, (p + 1) * BLOCK_F). It sums their gate and up
         columns over every listed (active) input row, so it holds finished gate/up values itself; computes
         silu(gate) * up and applies down's threshold test; lists its active channels (slots p * BLOCK_F... of the
         down list) and streams exactly their rows of w_d (input-channel-major, whole rows) into one fp32 partial of
         the output, added to the workspace once (an atomic add per step instead made the kernel 2-4x slower); the
-        last program adds the residual and writes the output."""
+        last program adds the residual and writes the output. Both loops are pipelined by Triton (GU_STAGES,
+        D_STAGES): the list indices through shared memory, rows in registers. TRACE: per program, the SM and global
+        timer at each phase (benchmarks/gpu_profile.py --mlp-timeline)."""
         _pdl_launch(USE_PDL)
         pid = tl.program_id(0)
+        tr = trace_ptr
+        if TRACE:
+            tr = trace_ptr + pid * TRACE_SLOTS
+        _trace(tr, 1, TRACE)
         offs_f = pid * BLOCK_F + tl.arange(0, BLOCK_F)
         dt = out_ptr.dtype.element_ty
         t = _round_thr(tl.load(thr_ptr).to(tl.float32), out_ptr, HAS_SCALE)
@@ -873,28 +888,21 @@ if HAVE_TRITON:
             bg = tl.load(bgu_ptr + offs_f).to(tl.float32)
             bu = tl.load(bgu_ptr + F + offs_f).to(tl.float32)
         _pdl_wait(USE_PDL)
+        _trace(tr, 2, TRACE)
         # the compaction's lists: gate's active inputs in slots [0, K), up's in [K, 2K), NCHUNK chunks each
         n_g, e_g, p_g = _chunked_list(cnt_ptr, NCHUNK, CH)
         n_u, e_u, p_u = _chunked_list(cnt_ptr + NCHUNK, NCHUNK, CH)
         s_gu = 2 * F
-        # gate's and up's rows step together; each step's indices are loaded two steps ahead, its rows one
-        gi, gx, gm = _list_idx(idx_ptr, xv_ptr, 0, n_g, ROWS, e_g, p_g)
-        ui, ux, um = _list_idx(idx_ptr + K, xv_ptr + K, 0, n_u, ROWS, e_u, p_u)
-        gw = _list_rows(wgu_ptr, gi, gm[:, None], s_gu, offs_f)
-        uw = _list_rows(wgu_ptr + F, ui, um[:, None], s_gu, offs_f)
-        gi, gx2, gm = _list_idx(idx_ptr, xv_ptr, ROWS, n_g, ROWS, e_g, p_g)
-        ui, ux2, um = _list_idx(idx_ptr + K, xv_ptr + K, ROWS, n_u, ROWS, e_u, p_u)
+        # gate's and up's rows step together, ROWS list entries a step
         acc_g = tl.zeros([ROWS, BLOCK_F], dtype=tl.float32)
         acc_u = tl.zeros([ROWS, BLOCK_F], dtype=tl.float32)
-        for r in range(2 * ROWS, tl.maximum(n_g, n_u) + 2 * ROWS, ROWS):
-            gw2 = _list_rows(wgu_ptr, gi, gm[:, None], s_gu, offs_f)
-            uw2 = _list_rows(wgu_ptr + F, ui, um[:, None], s_gu, offs_f)
-            gi, gx3, gm = _list_idx(idx_ptr, xv_ptr, r, n_g, ROWS, e_g, p_g)
-            ui, ux3, um = _list_idx(idx_ptr + K, xv_ptr + K, r, n_u, ROWS, e_u, p_u)
+        for r in tl.range(0, tl.maximum(n_g, n_u), ROWS, num_stages=GU_STAGES):
+            gi, gx, gm = _list_idx(idx_ptr, xv_ptr, r, n_g, ROWS, e_g, p_g)
+            ui, ux, um = _list_idx(idx_ptr + K, xv_ptr + K, r, n_u, ROWS, e_u, p_u)
+            gw = _list_rows(wgu_ptr, gi, gm[:, None], s_gu, offs_f)
+            uw = _list_rows(wgu_ptr + F, ui, um[:, None], s_gu, offs_f)
             acc_g += gx[:, None] * gw.to(tl.float32)
             acc_u += ux[:, None] * uw.to(tl.float32)
-            gx, gw, gx2 = gx2, gw2, gx3
-            ux, uw, ux2 = ux2, uw2, ux3
         g = tl.sum(acc_g, 0)
         u = tl.sum(acc_u, 0)
         if HAS_BIAS:
@@ -905,29 +913,36 @@ if HAVE_TRITON:
             act = tl.abs(h) * sd >= t
         else:
             act = tl.abs(h) >= t
+        _trace(tr, 3, TRACE)
         # down: list this program's active channels, then stream exactly their rows, ROWS_D whole rows a step
         base = pid * BLOCK_F
         n_d = _write_list(didx_ptr, dxv_ptr, dcnt_ptr + pid, base, offs_f, h, act)
         tl.debug_barrier()  # the list's stores precede its loads (same CTA)
+        _trace(tr, 4, TRACE)
         offs_o = tl.arange(0, BLOCK_OUT)
         o_in = offs_o < N
         acc = tl.zeros([BLOCK_OUT], dtype=tl.float32)
-        di, dx, dm = _list_idx(didx_ptr + base, dxv_ptr + base, 0, n_d, ROWS_D)
-        w = _list_rows(wd_ptr, di, dm[:, None] & o_in[None, :], N, offs_o)
-        for r in range(ROWS_D, n_d + ROWS_D, ROWS_D):
-            di, dx2, dm = _list_idx(didx_ptr + base, dxv_ptr + base, r, n_d, ROWS_D)
-            w2 = _list_rows(wd_ptr, di, dm[:, None] & o_in[None, :], N, offs_o)
+        for r in tl.range(0, n_d, ROWS_D, num_stages=D_STAGES):
+            di, dx, dm = _list_idx(didx_ptr + base, dxv_ptr + base, r, n_d, ROWS_D)
+            w = _list_rows(wd_ptr, di, dm[:, None] & o_in[None, :], N, offs_o)
             acc += tl.sum(dx[:, None] * w.to(tl.float32), 0)
-            dx, w = dx2, w2
+        _trace(tr, 5, TRACE)
         tl.atomic_add(ws_ptr + offs_o, acc, mask=o_in, sem="relaxed")
         tl.debug_barrier()  # this CTA's adds precede its arrival
-        if tl.atomic_add(done_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        last = tl.atomic_add(done_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1
+        if last:
             zero = tl.zeros([BLOCK_OUT], dtype=tl.float32)
             tot = tl.atomic_add(ws_ptr + offs_o, zero, mask=o_in, sem="relaxed")  # every program's sums, from L2
             tl.store(ws_ptr + offs_o, zero, mask=o_in)
             tl.atomic_xchg(done_ptr, 0)
             tot = _residual(tot, res_ptr + offs_o, o_in, dt, True)
             tl.store(out_ptr + offs_o, tot.to(dt), mask=o_in)
+        if TRACE:
+            _trace(tr, 6, TRACE)
+            tl.store(tr + tl.arange(0, 1), tl.extra.cuda.smid().to(tl.int64) + tl.zeros([1], dtype=tl.int64))
+            j = tl.arange(0, 4)
+            tl.store(tr + 7 + j, tl.where(j == 0, n_g, tl.where(j == 1, n_u, tl.where(j == 2, n_d, last.to(
+                tl.int32)))).to(tl.int64))
 
 _LIST_CACHE = {}
 
@@ -1074,10 +1089,16 @@ def sparse_mlp(x: torch.Tensor, w_gu: torch.Tensor, thr_gu: torch.Tensor, seg_si
 
 
 # `sparse_mlp` in two launches (`_mlp_kernel`: intermediate channels per program, list rows per step of gate/up,
-# whole down rows per step, compaction chunk) where it would take three stream launches; None: three. Measured on an
-# H200 (runs X-AG in docs/BENCHMARKS.md): decode 347.1-350.3 tok/s against 341.8-343.8 in three launches, same
-# processes; the MLP alone ties (56.3-58.1 against 57.2-57.9 us).
-MLP_FUSED: Optional[dict] = dict(algo="fused", block_f=64, rows=64, rows_d=4, num_warps=8, compact_ch=2048)
+# whole down rows per step, compaction chunk, stages of Triton's pipeliner for the gate/up and down loops) where it
+# would take three stream launches; None: three. Measured on an H200 (docs/BENCHMARKS.md): decode 347.1-350.3 tok/s
+# against 341.8-343.8 in three launches, same processes (runs X-AG); both loops in 3 stages by Triton instead of
+# pipelined by hand: 353.9 and 357.7 against 350.2 and 352.2 tok/s, the MLP alone 55.0 against 56.1 us (runs AN, AO).
+MLP_FUSED: Optional[dict] = dict(algo="fused", block_f=64, rows=64, rows_d=4, num_warps=8, compact_ch=2048,
+                                 gu_stages=3, d_stages=3)
+
+# Diagnostics (benchmarks/gpu_profile.py --mlp-timeline): an int64 [programs, 11] device tensor that the next
+# `_mlp_kernel` launch fills with its trace rows (see `_mlp_kernel`), or None.
+MLP_TRACE: Optional[torch.Tensor] = None
 
 
 def _fused_mlp(x, w_gu, thr, scales_gu, bias_gu, norm, w_down, thr_down, scale_down, residual, cfg):
@@ -1094,7 +1115,9 @@ def _fused_mlp(x, w_gu, thr, scales_gu, bias_gu, norm, w_down, thr_down, scale_d
                             done, *_lists(dev, 1, F, F // bf), K, F, N, HAS_BIAS=bias_gu is not None,
                             HAS_SCALE=scale_down is not None, BLOCK_F=bf, ROWS=cfg.get("rows", 64),
                             ROWS_D=cfg.get("rows_d", 4), BLOCK_OUT=triton.next_power_of_2(N), NCHUNK=nchunk, CH=ch,
-                            **pdl_args(dev), num_warps=cfg.get("num_warps", 8), num_stages=1)
+                            GU_STAGES=cfg.get("gu_stages", 3), D_STAGES=cfg.get("d_stages", 3), **pdl_args(dev),
+                            trace_ptr=MLP_TRACE, TRACE=MLP_TRACE is not None, num_warps=cfg.get("num_warps", 8),
+                            num_stages=1)
     return out
 
 
