@@ -110,6 +110,30 @@ def _stats(v: torch.Tensor) -> str:
     return f"{v.min():7.2f} {v.median():7.2f} {v.mean():7.2f} {v.max():7.2f}"
 
 
+def timeline_row(b: torch.Tensor) -> dict:
+    """One call's trace rows ([programs, 11] int64, `_mlp_kernel`'s TRACE layout) as phase statistics."""
+    t = (b[:, 1:7] - b[:, 2].min()).double() / 1e3  # launch, wait, gate/up done, listed, down done, arrived
+    sm, n_g, n_u, n_d, last = b[:, 0], b[:, 7], b[:, 8], b[:, 9], b[:, 10]
+    per_sm = torch.bincount(sm, minlength=132)
+    shared = per_sm[sm] > 1
+    gu = t[:, 2] - t[:, 1]
+    down = t[:, 4] - t[:, 3]
+
+    def median(v: torch.Tensor):
+        return round(float(v.median()), 2) if v.numel() else None
+
+    slow = gu.argsort(descending=True)[:6].tolist()  # which programs gate/up keeps longest, and where
+    return {"span_us": float(t[:, 5].max()), "gate_up_us": _stats(gu), "down_us": _stats(down),
+            "n_d": _stats(n_d.float()), "end_us": _stats(t[:, 5]),
+            "wait_us": _stats(t[:, 1]), "listed_us": _stats(t[:, 3] - t[:, 2]), "add_us": _stats(t[:, 5] - t[:, 4]),
+            "gate_up_alone_vs_shared_us": (median(gu[~shared]), median(gu[shared])),
+            "down_us_per_row": float((down / n_d.clamp_min(1)).median()),
+            "corr_end_rows": float(torch.corrcoef(torch.stack([t[:, 5], n_d.double()]))[0, 1]),
+            "sms_used": int((per_sm > 0).sum()), "n_g": int(n_g[0]), "n_u": int(n_u[0]),
+            "last_program_end_us": float(t[last.bool(), 5].max()),
+            "slowest_gate_up": [(p, int(sm[p]), int(per_sm[sm[p]]), round(float(gu[p]), 2)) for p in slow]}
+
+
 @torch.no_grad()
 def mlp_timeline(calls: int = 4, config: dict | None = None) -> dict:
     """Inside `_mlp_kernel` (8B shapes, s = 0.5, random weights rotating over > 400 MB): each program's SM and the
@@ -139,37 +163,23 @@ def mlp_timeline(calls: int = 4, config: dict | None = None) -> dict:
         torch.cuda.synchronize()
     finally:
         tk.MLP_TRACE = None
-    out = []
     print(f"\n_mlp_kernel timeline, {cfg} (us from the first program's PDL wait; min median mean max over programs)")
+    out = []
     for c, b in enumerate(bufs):
-        b = b.cpu()
-        t = (b[:, 1:7] - b[:, 2].min()).double() / 1e3  # launch, wait, gate/up done, listed, down done, arrived
-        sm, n_g, n_u, n_d, last = b[:, 0], b[:, 7], b[:, 8], b[:, 9], b[:, 10]
-        per_sm = torch.bincount(sm, minlength=132)
-        shared = per_sm[sm] > 1
-        gu = t[:, 2] - t[:, 1]
-        down = t[:, 4] - t[:, 3]
-        row = {"span_us": float(t[:, 5].max()), "gate_up_us": _stats(gu), "down_us": _stats(down),
-               "n_d": _stats(n_d.float()), "end_us": _stats(t[:, 5]),
-               "wait_us": _stats(t[:, 1]), "listed_us": _stats(t[:, 3] - t[:, 2]),
-               "add_us": _stats(t[:, 5] - t[:, 4]),
-               "gate_up_alone_vs_shared_us": (float(gu[~shared].median()) if (~shared).any() else None,
-                                              float(gu[shared].median())),
-               "down_us_per_row": float((down / n_d.clamp_min(1)).median()),
-               "corr_end_rows": float(torch.corrcoef(torch.stack([t[:, 5], n_d.double()]))[0, 1]),
-               "sms_used": int((per_sm > 0).sum()), "n_g": int(n_g[0]), "n_u": int(n_u[0]),
-               "last_program_end_us": float(t[last.bool(), 5].max())}
+        row = timeline_row(b.cpu())
         out.append(row)
         print(f"call {c}: span {row['span_us']:.2f} us on {row['sms_used']} SMs, lists {row['n_g']}+{row['n_u']} rows")
         print(f"  wait passed   {row['wait_us']}")
         print(f"  gate/up       {row['gate_up_us']}  (median alone on its SM / sharing: "
-              f"{row['gate_up_alone_vs_shared_us'][0]:.2f} / {row['gate_up_alone_vs_shared_us'][1]:.2f})")
+              f"{row['gate_up_alone_vs_shared_us']})")
         print(f"  listed        {row['listed_us']}")
         print(f"  down rows     {row['n_d']}")
         print(f"  down          {row['down_us']}  ({row['down_us_per_row']:.3f} us per row)")
         print(f"  added         {row['add_us']}")
         print(f"  arrived       {row['end_us']}  (corr with down rows {row['corr_end_rows']:.2f}; "
               f"last program done {row['last_program_end_us']:.2f})")
+        print("  slowest gate/up (program, SM, programs on that SM, us): "
+              + ", ".join(f"{p} {s_} {n} {g}" for p, s_, n, g in row["slowest_gate_up"]))
     del ws, wd
     torch.cuda.empty_cache()
     return {"calls": out}
@@ -180,9 +190,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--mlp-timeline", action="store_true", help="only the trace inside _mlp_kernel")
+    ap.add_argument("--mlp-config", default="{}", help="with --mlp-timeline: JSON overrides of MLP_FUSED, e.g. "
+                                                      "'{\"block_f\": 128, \"num_warps\": 16}'")
     args = ap.parse_args()
     if args.mlp_timeline:
-        print(json.dumps(mlp_timeline()))
+        print(json.dumps(mlp_timeline(config=json.loads(args.mlp_config))))
         return
     print(json.dumps(run(args.layers, args.steps)))
 
