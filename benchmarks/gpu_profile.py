@@ -111,7 +111,7 @@ def _stats(v: torch.Tensor) -> str:
 
 
 def timeline_row(b: torch.Tensor) -> dict:
-    """One call's trace rows ([programs, 11] int64, `_mlp_kernel`'s TRACE layout) as phase statistics."""
+    """One call's trace rows ([programs, MLP_TRACE_SLOTS] int64, `_mlp_kernel`'s TRACE layout) as phase statistics."""
     t = (b[:, 1:7] - b[:, 2].min()).double() / 1e3  # launch, wait, gate/up done, listed, down done, arrived
     sm, n_g, n_u, n_d, last = b[:, 0], b[:, 7], b[:, 8], b[:, 9], b[:, 10]
     per_sm = torch.bincount(sm, minlength=132)
@@ -152,7 +152,7 @@ def mlp_timeline(calls: int = 4, config: dict | None = None) -> dict:
     res = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
     cfg = dict(tk.MLP_FUSED, **(config or {}))
     nprog = H // cfg["block_f"]
-    bufs = [torch.zeros(nprog, 11, dtype=torch.int64, device="cuda") for _ in range(calls)]
+    bufs = [torch.zeros(nprog, tk.MLP_TRACE_SLOTS, dtype=torch.int64, device="cuda") for _ in range(calls)]
     try:
         for i in range(calls + 2):  # two warm-up calls (compile), then the traced ones back to back
             tk.MLP_TRACE = bufs[max(i - 2, 0)]

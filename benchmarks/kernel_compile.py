@@ -83,7 +83,7 @@ def drive(step: list) -> None:
                       config=tk.MLP_FUSED)
         if method == "wina":  # the diagnostic variant (gpu_profile.py --mlp-timeline) must compile too
             step[0] = "mlp fused trace"
-            tk.MLP_TRACE = e(F // tk.MLP_FUSED["block_f"], 11, dt=torch.int64)
+            tk.MLP_TRACE = e(F // tk.MLP_FUSED["block_f"], tk.MLP_TRACE_SLOTS, dt=torch.int64)
             try:
                 tk.sparse_mlp(x, w_gu, e(2, dt=f32), gu_seg, sc_gu, None, (gain, eps), w_d, e(1, dt=f32), sc_d, x,
                               config=tk.MLP_FUSED)

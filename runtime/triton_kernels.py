@@ -433,6 +433,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# `_mlp_kernel`'s trace row (`MLP_TRACE`, diagnostics): SM, 6 timestamps, gate/up list rows, down rows, last program.
+MLP_TRACE_SLOTS = 11
+
 # Programmatic dependent launch for the decode kernels (Hopper and newer; WINA_PDL=0 turns it off). Every kernel
 # launched with it waits (gdc_wait) before its first memory access, so the order of memory effects is that of
 # plain stream order; only the launch gap overlaps the previous kernel's tail.
@@ -849,7 +852,7 @@ if HAVE_TRITON:
                 _stream_store(tot, offs_n, n_in, pid_n, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES, NEXT_GLU,
                               nthr_ptr, nscale_ptr, nidx_ptr, nxv_ptr, ncnt_ptr, pcnt_ptr, NEXT_SCALE, BLOCK_N)
 
-    TRACE_SLOTS = tl.constexpr(11)  # _mlp_kernel's trace row: SM, 6 timestamps, n_g, n_u, n_d, last
+    TRACE_SLOTS = tl.constexpr(MLP_TRACE_SLOTS)
 
     @triton.jit
     def _trace(tr, slot, TRACE: tl.constexpr):
@@ -1096,8 +1099,8 @@ def sparse_mlp(x: torch.Tensor, w_gu: torch.Tensor, thr_gu: torch.Tensor, seg_si
 MLP_FUSED: Optional[dict] = dict(algo="fused", block_f=64, rows=64, rows_d=4, num_warps=8, compact_ch=2048,
                                  gu_stages=3, d_stages=3)
 
-# Diagnostics (benchmarks/gpu_profile.py --mlp-timeline): an int64 [programs, 11] device tensor that the next
-# `_mlp_kernel` launch fills with its trace rows (see `_mlp_kernel`), or None.
+# Diagnostics (benchmarks/gpu_profile.py --mlp-timeline): an int64 [programs, MLP_TRACE_SLOTS] device tensor that
+# the next `_mlp_kernel` launch fills with its trace rows (see `_mlp_kernel`), or None.
 MLP_TRACE: Optional[torch.Tensor] = None
 
 
