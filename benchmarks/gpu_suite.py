@@ -393,7 +393,8 @@ def tune(budget_s: float) -> dict:
 # `_mlp_kernel` configs timed by --tune-mlp: (channels per program, warps, list rows per gate/up step, down rows per
 # step, stages of Triton's pipeliner for the gate/up and the down loop; 1 = not pipelined); registers per program
 # under triton 3.6.0 (kernel_compile.py, WINA) and programs per SM in the comments. Session 7 swept channels / rows /
-# down rows / warps with both loops pipelined by hand (docs/BENCHMARKS.md); the last three are untimed so far.
+# down rows / warps with both loops pipelined by hand (docs/BENCHMARKS.md). Session 8 timed the first, third and
+# fourth alone (run AN) and the second end to end only (run AP); the last three are untimed so far.
 MLP_FUSED_GRID = [(64, 8, 64, 4, 3, 3),  # 116 regs, 2/SM, the default (`MLP_FUSED`)
                   (64, 8, 64, 4, 1, 1),  # 102, 2/SM
                   (64, 8, 64, 4, 3, 2),  # 116, 2/SM

@@ -1095,7 +1095,8 @@ def sparse_mlp(x: torch.Tensor, w_gu: torch.Tensor, thr_gu: torch.Tensor, seg_si
 # whole down rows per step, compaction chunk, stages of Triton's pipeliner for the gate/up and down loops) where it
 # would take three stream launches; None: three. Measured on an H200 (docs/BENCHMARKS.md): decode 347.1-350.3 tok/s
 # against 341.8-343.8 in three launches, same processes (runs X-AG); both loops in 3 stages by Triton instead of
-# pipelined by hand: 353.9 and 357.7 against 350.2 and 352.2 tok/s, the MLP alone 55.0 against 56.1 us (runs AN, AO).
+# pipelined by hand: 353.9 and 357.7 against 350.2 and 352.2 tok/s (runs AO, AN), the MLP alone 55.0 against 56.1 us
+# (run AN).
 MLP_FUSED: Optional[dict] = dict(algo="fused", block_f=64, rows=64, rows_d=4, num_warps=8, compact_ch=2048,
                                  gu_stages=3, d_stages=3)
 
