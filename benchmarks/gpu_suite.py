@@ -152,6 +152,20 @@ def check_kernels() -> int:
                 if not err <= tol:
                     bad += 1
                     log(f"  MISMATCH sparse_mlp teal={teal} cfg={cfg}: err {err:.3g} tol {tol:.3g}")
+        # o's partial sums handed to the MLP (`pending`): the MLP of x + those sums, which it leaves zeroed
+        p = torch.randn(1, K, device=DEV) * 0.5
+        x0 = (x.float() - p.to(torch.bfloat16).float()).to(torch.bfloat16)
+        x1 = (p.to(torch.bfloat16).float() + x0.float()).to(torch.bfloat16)
+        ref_p = tk.sparse_mlp(x1, w_gu, t_gu, (H, H), s_gu, None, (gain, NORM_EPS), w_d, t_d, s_d, x1).float()
+        for _ in range(2):
+            pend = p.clone()
+            y = tk.sparse_mlp(x0, w_gu, t_gu, (H, H), s_gu, None, (gain, NORM_EPS), w_d, t_d, s_d, None,
+                              pending=(pend, None))
+            err = (y.float() - ref_p).abs().max().item()
+            n += 1
+            if not (err <= tol and not pend.any()):
+                bad += 1
+                log(f"  MISMATCH sparse_mlp pending teal={teal}: err {err:.3g} tol {tol:.3g}, sums left {pend.any()}")
     # the decode loop's greedy token (two-stage argmax over a Llama-3 vocabulary)
     from wina.runtime.decode import greedy_token
 
@@ -394,7 +408,8 @@ def tune(budget_s: float) -> dict:
 # step, stages of Triton's pipeliner for the gate/up and the down loop; 1 = not pipelined); registers per program
 # under triton 3.6.0 (kernel_compile.py, WINA) and programs per SM in the comments. Session 7 swept channels / rows /
 # down rows / warps with both loops pipelined by hand (docs/BENCHMARKS.md). Session 8 timed the first, third and
-# fourth alone (run AN) and the second end to end only (run AP); the last three are untimed so far.
+# fourth alone (run AN) and the second end to end only (run AP); session 9 timed all (run AQ: 55.5, 66.4, 54.8,
+# 55.2, 59.2, 82.7, 55.4 us; the one-program-per-SM shapes also lost end to end).
 MLP_FUSED_GRID = [(64, 8, 64, 4, 3, 3),  # 116 regs, 2/SM, the default (`MLP_FUSED`)
                   (64, 8, 64, 4, 1, 1),  # 102, 2/SM
                   (64, 8, 64, 4, 3, 2),  # 116, 2/SM

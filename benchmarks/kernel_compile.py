@@ -89,6 +89,14 @@ def drive(step: list) -> None:
                               config=tk.MLP_FUSED)
             finally:
                 tk.MLP_TRACE = None
+        # the decode step handing partial sums over (`HAND_OVER`): q/k/v's to the attention, o's (clearing
+        # q/k/v's) to the compaction, whose MLP kernel clears o's
+        step[0] = f"hand-over {method}"
+        p_qkv, p_o = e(1, sum(qkv_seg), dt=f32), e(1, K, dt=f32)
+        tk.sparse_gemv_segments(x, w_qkv, e(3, dt=f32), qkv_seg, sc3, norm=(gain, eps), partial=p_qkv)
+        tk.sparse_gemv_segments(x, w_o, e(1, dt=f32), (K,), sc_o, partial=p_o, clear=p_qkv)
+        tk.sparse_mlp(x, w_gu, e(2, dt=f32), gu_seg, sc_gu, None, (gain, eps), w_d, e(1, dt=f32), sc_d, None,
+                      config=tk.MLP_FUSED, pending=(p_o, None))
         step[0] = f"down split-K {method}"  # the decode step's down when gate/up runs split-K
         tk.sparse_gemv_segments(e(1, 2 * F), w_d, e(1, dt=f32), (K,), None if sc_d is None else sc_d.reshape(1, -1),
                                 residual=x, glu=True)
@@ -96,10 +104,17 @@ def drive(step: list) -> None:
     tk.rms_norm(x, gain, eps)
     tk.sparse_gemv_segments(x, w_o, e(1, dt=f32), (K,), residual=x, all_rows=True)
     tk.sparse_gemv_segments(e(1, 2 * F), w_d, e(1, dt=f32), (K,), residual=x, glu=True, all_rows=True)
+    step[0] = "dense hand-over"  # o's partial sums to the RMSNorm before gate/up
+    p_o = e(1, K, dt=f32)
+    tk.sparse_gemv_segments(x, w_o, e(1, dt=f32), (K,), all_rows=True, partial=p_o)
+    tk.rms_norm(x, gain, eps, pending=(p_o, None))
     step[0] = "attention"
     pos = torch.zeros(1, dtype=torch.int64)
     td.rope_attention(e(NQ * HD), e(NKV * HD), e(NKV * HD), e(1, HD), e(1, HD), pos, e(1, NKV, L, HD),
                       e(1, NKV, L, HD))
+    step[0] = "attention hand-over"  # q/k/v as partial sums, with a q/k/v bias (Qwen2-like)
+    td.rope_attention(e(NQ * HD, dt=f32), e(NKV * HD, dt=f32), e(NKV * HD, dt=f32), e(1, HD), e(1, HD), pos,
+                      e(1, NKV, L, HD), e(1, NKV, L, HD), partial=True, bias=(e(NQ * HD), e(NKV * HD), e(NKV * HD)))
     step[0] = "argmax"
     td.argmax_two_stage(e(1, V))
     step[0] = "glu"

@@ -85,14 +85,17 @@ class _GpuKernel:
         return self.run(lin, x2).view(*x.shape[:-1], -1)
 
     def run(self, lin: SparseLinear, x2: torch.Tensor, residual: torch.Tensor | None = None,
-            glu: bool = False, dense: bool = False) -> torch.Tensor:
+            glu: bool = False, dense: bool = False, partial: torch.Tensor | None = None,
+            clear: torch.Tensor | None = None) -> torch.Tensor:
         """The sparse GEMV of [1, K] x (or [1, 2K] gate|up with `glu`), optionally plus a residual [1, N];
-        `dense`: every channel (the same kernel as the dense side of the decode step)."""
+        `dense`: every channel (the same kernel as the dense side of the decode step). `partial` / `clear`: see
+        `sparse_gemv_segments` (the bias is then the reader's to add)."""
         from . import triton_kernels as tk
 
         scale = lin.col_norm.reshape(1, -1) if lin.use_col_norm else None
-        return tk.sparse_gemv_segments(x2, self.w_t, self.thr.get(), (self.w_t.shape[1],), scale, lin.bias,
-                                       residual=residual, glu=glu, all_rows=dense)
+        return tk.sparse_gemv_segments(x2, self.w_t, self.thr.get(), (self.w_t.shape[1],), scale,
+                                       lin.bias if partial is None else None, residual=residual, glu=glu,
+                                       all_rows=dense, partial=partial, clear=clear)
 
 
 class _CpuKernel:
@@ -182,13 +185,15 @@ class FusedSparseLinear(nn.Module):
         return (rows <= GPU_MAX_ROWS and _all_sparse(sparse) and x.dtype == self.w_t.dtype
                 and (x.is_cuda or tk._interpreting()))
 
-    def _fast(self, x: torch.Tensor, sparse: SparseSpec, norm: nn.Module | None = None) -> torch.Tensor | None:
+    def _fast(self, x: torch.Tensor, sparse: SparseSpec, norm: nn.Module | None = None,
+              partial: torch.Tensor | None = None) -> torch.Tensor | None:
         from . import triton_kernels as tk
 
         if not self.takes(x, sparse):
             return None
         y = tk.sparse_gemv_segments(x.reshape(-1, x.shape[-1]), self.w_t, self.thr.get(), self.sizes, self._scales,
-                                    self.bias, norm=None if norm is None else (norm.weight, norm.eps))
+                                    self.bias if partial is None else None,
+                                    norm=None if norm is None else (norm.weight, norm.eps), partial=partial)
         return y.view(*x.shape[:-1], -1)
 
 
@@ -241,7 +246,8 @@ class FusedDecodeStep(_DecodeStep):
     and the rest of the MLP in one (`sparse_mlp`: gate/up over exactly those rows, silu·mul, down over exactly its
     active rows + residual; six launches with `triton_kernels.MLP_FUSED = None`). Dense (seven): RMSNorm + cuBLAS for
     q/k/v and for gate/up, the same attention, o + residual and silu·mul + down + residual through the split-K
-    kernel over every row."""
+    kernel over every row. With `triton_kernels.HAND_OVER`, split-K GEMVs leave their fp32 partial sums to the next
+    kernel, which finishes them (`_handing_over`; 1.3-1.5 us less per GEMV)."""
 
     @staticmethod
     def supports(blk: nn.Module) -> bool:
@@ -260,6 +266,10 @@ class FusedDecodeStep(_DecodeStep):
             return None
         sparse = sparse or None
         x1 = x.reshape(1, -1)
+        if tk.HAND_OVER:
+            out = self._handing_over(x1, cos, sin, pos, sparse)
+            if out is not None:
+                return out.view(x.shape)
         q, k, v = a.qkv.joint(x1, sparse, norm=blk.attn_norm).split(a.qkv.sizes, -1)
         y = td.rope_attention(q, k, v, cos, sin, pos, a.cache.k, a.cache.v, a.window).view(1, -1)
         x1 = _linear_residual(a.o, y, x1, sparse)
@@ -269,11 +279,44 @@ class FusedDecodeStep(_DecodeStep):
             out = _linear_residual(m.down, gu, x1, sparse, glu=True)
         return out.view(x.shape)
 
+    def _handing_over(self, x1, cos, sin, pos, sparse: SparseSpec) -> torch.Tensor | None:
+        """The block with split-K GEMVs handing their fp32 partial sums to the next kernel (`partial=`) instead of
+        finishing them: sparse, q/k/v's to the attention and o's to the MLP's compaction launch; dense, o's to the
+        RMSNorm before gate/up. None where a piece would take another path (the caller then runs the block's
+        usual launches)."""
+        from . import triton_decode as td
+        from . import triton_kernels as tk
 
-def _sparse_mlp(m: nn.Module, norm: nn.Module, x1: torch.Tensor, sparse: SparseSpec) -> torch.Tensor | None:
+        blk = self.blk
+        a, m, o = blk.attn, blk.mlp, blk.attn.o
+        if not isinstance(o.kernel, _GpuKernel):
+            return None
+        dev, n = x1.device, x1.shape[1]
+        if sparse:
+            qkv_cfg = tk.gemv_config(1, n, sum(a.qkv.sizes), a.qkv.sizes, "norm", dev)
+            if not (o.active and a.qkv.takes(x1, sparse) and qkv_cfg.get("algo") != "stream"
+                    and _sparse_mlp(m, blk.mlp_norm, x1, sparse, plan=True)):
+                return None
+            p_o, p_qkv = tk.partial_buffer(dev, "o", n), tk.partial_buffer(dev, "qkv", sum(a.qkv.sizes))
+            q, k, v = a.qkv._fast(x1, sparse, blk.attn_norm, partial=p_qkv).split(a.qkv.sizes, -1)
+            bias = None if a.qkv.bias is None else a.qkv.bias.split(a.qkv.sizes)
+            y = td.rope_attention(q, k, v, cos, sin, pos, a.cache.k, a.cache.v, a.window, partial=True, bias=bias)
+            o.kernel.run(o, y.view(1, -1), partial=p_o, clear=p_qkv)
+            return _sparse_mlp(m, blk.mlp_norm, x1, sparse, pending=(p_o, o.bias))
+        q, k, v = a.qkv.joint(x1, None, norm=blk.attn_norm).split(a.qkv.sizes, -1)
+        y = td.rope_attention(q, k, v, cos, sin, pos, a.cache.k, a.cache.v, a.window).view(1, -1)
+        p_o = tk.partial_buffer(dev, "o", n)
+        o.kernel.run(o, y, dense=True, partial=p_o)
+        x1, h = tk.rms_norm(x1, blk.mlp_norm.weight, blk.mlp_norm.eps, pending=(p_o, o.bias))
+        return _linear_residual(m.down, m.gate_up.joint(h, None), x1, sparse, glu=True)
+
+
+def _sparse_mlp(m: nn.Module, norm: nn.Module, x1: torch.Tensor, sparse: SparseSpec, pending: tuple | None = None,
+                plan: bool = False) -> torch.Tensor | bool | None:
     """x1 + down(silu(gate) * up) (norm(x1) in) with gate/up and down both sparse through `sparse_mlp`: down
     streams exactly its active rows, listed by the programs that computed them, instead of testing its channels.
-    None where that path does not apply."""
+    None where that path does not apply. `pending` = (o's partial sums, o's bias): x1 is then x1 + o's output (two
+    launches only); `plan`: only whether that two-launch path applies."""
     from . import triton_kernels as tk
 
     down = m.down  # (metered runs never reach a decode step: `accepts`)
@@ -281,9 +324,11 @@ def _sparse_mlp(m: nn.Module, norm: nn.Module, x1: torch.Tensor, sparse: SparseS
             and m.gate_up.takes(x1, sparse)):
         return None
     gu = m.gate_up
+    if plan:
+        return tk.fused_mlp_config(x1, gu.w_t, gu.sizes, down.kernel.w_t) is not None
     scale = down.col_norm.reshape(-1) if down.use_col_norm else None
     return tk.sparse_mlp(x1, gu.w_t, gu.thr.get(), gu.sizes, gu._scales, gu.bias, (norm.weight, norm.eps),
-                         down.kernel.w_t, down.kernel.thr.get(), scale, x1)
+                         down.kernel.w_t, down.kernel.thr.get(), scale, None if pending else x1, pending=pending)
 
 
 class CpuDecodeStep(_DecodeStep):

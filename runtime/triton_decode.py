@@ -29,17 +29,29 @@ if HAVE_TRITON:
     from .triton_kernels import _glu, _pdl_launch, _pdl_start, _pdl_wait
 
     @triton.jit
-    def _rope(ptr, d, partner, sign, c, s, dt):
+    def _head(ptr, b_ptr, d, dt, PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """One head's slice of the q/k/v GEMV's output: as stored (dt), or, PARTIAL, finished from its fp32 partial
+        sums as the split-K epilogue does (+ bias, rounded to dt)."""
+        v = tl.load(ptr + d)
+        if PARTIAL:
+            if HAS_BIAS:
+                v += tl.load(b_ptr + d).to(tl.float32)
+            v = v.to(dt)
+        return v
+
+    @triton.jit
+    def _rope(ptr, b_ptr, d, partner, sign, c, s, dt, PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr):
         """transformers' `x * cos + rotate_half(x) * sin` for one head, products and sum rounded to dt."""
-        x = tl.load(ptr + d).to(tl.float32)
-        xp = tl.load(ptr + partner).to(tl.float32)
+        x = _head(ptr, b_ptr, d, dt, PARTIAL, HAS_BIAS).to(tl.float32)
+        xp = _head(ptr, b_ptr, partner, dt, PARTIAL, HAS_BIAS).to(tl.float32)
         return ((x * c).to(dt).to(tl.float32) + (sign * xp * s).to(dt).to(tl.float32)).to(dt)
 
     @triton.jit
     def _rope_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, out_ptr, ws_ptr,
                                cnt_ptr, GROUP, NSPLIT, stride_ch, stride_cl, scale, WINDOW, HD: tl.constexpr,
                                P: tl.constexpr, NS_BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                               USE_PDL: tl.constexpr = False):
+                               USE_PDL: tl.constexpr = False, qb_ptr=None, kb_ptr=None, vb_ptr=None,
+                               PARTIAL: tl.constexpr = False, HAS_BIAS: tl.constexpr = False):
         """grid (query heads, NSPLIT): program (h, sp) attends over cache positions [sp*P, sp*P + P) of its window;
         the program of the split holding `pos` adds the token itself (rotated k, v from registers; the head group's
         first program writes them to the cache row nobody else reads now). Partials (max, sum, acc) meet in an fp32
@@ -49,7 +61,8 @@ if HAVE_TRITON:
         The position and the cache rows before it are read before `_pdl_wait`, overlapping the q/k/v GEMV: both were
         written by earlier decode steps, which end in non-PDL kernels (argmax, the position increment) and begin
         with some (embedding, rotary tables), so every write to them completed before this step's first PDL kernel
-        started. cos/sin are computed at the start of this step: read after the wait."""
+        started. cos/sin are computed at the start of this step: read after the wait. PARTIAL: q, k and v are the
+        q/k/v GEMV's fp32 partial sums (bias at qb/kb/vb_ptr with HAS_BIAS), finished here (`_head`)."""
         _pdl_launch(USE_PDL)
         h = tl.program_id(0)
         sp = tl.program_id(1)
@@ -78,12 +91,12 @@ if HAVE_TRITON:
             c = tl.load(cos_ptr + d).to(tl.float32)
             s = tl.load(sin_ptr + d).to(tl.float32)
             dt = kc_ptr.dtype.element_ty
-            q = _rope(q_ptr + h * HD, d, partner, sign, c, s, dt).to(tl.float32)
+            q = _rope(q_ptr + h * HD, qb_ptr + h * HD, d, partner, sign, c, s, dt, PARTIAL, HAS_BIAS).to(tl.float32)
             sc = tl.where(lm, tl.sum(q[None, :] * k, 1) * scale, float("-inf"))
             # the token itself (always inside its window) belongs to the split holding pos
             own = sp == last
-            k_new = _rope(k_ptr + kvh * HD, d, partner, sign, c, s, dt)
-            v_new = tl.load(v_ptr + kvh * HD + d)
+            k_new = _rope(k_ptr + kvh * HD, kb_ptr + kvh * HD, d, partner, sign, c, s, dt, PARTIAL, HAS_BIAS)
+            v_new = _head(v_ptr + kvh * HD, vb_ptr + kvh * HD, d, dt, PARTIAL, HAS_BIAS)
             if own & (h % GROUP == 0):
                 tl.store(kc_ptr + base + pos * stride_cl + d, k_new)
                 tl.store(vc_ptr + base + pos * stride_cl + d, v_new)
@@ -147,24 +160,30 @@ if HAVE_TRITON:
 
 def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   window: int | None = None) -> torch.Tensor:
+                   window: int | None = None, partial: bool = False, bias: tuple | None = None) -> torch.Tensor:
     """One decode token's attention in one launch: rotate q [H*d] and k [KV*d] (cos/sin: [1, d] tables of the
     token's position), write rotated k and v into the caches [1, KV, max_len, d] at `pos` (int64 [1] device tensor,
     CUDA-graph safe), attend over cache positions < pos (and > pos - window) plus the token itself. Returns [H*d].
     With programmatic dependent launch on, `pos` and the cache rows before it are read before waiting for the
     previous kernel: they must have been written before the step's first PDL kernel (as in `Decoder.forward`, whose
-    embedding and rotary-table kernels come first)."""
+    embedding and rotary-table kernels come first).
+
+    `partial`: q, k, v are the q/k/v GEMV's fp32 partial sums (`sparse_gemv_segments(partial=)`), finished here:
+    + `bias` (q's, k's, v's, or None), rounded to the cache's dtype."""
     hd = k_cache.shape[-1]
     n_q, n_kv = q.numel() // hd, k.numel() // hd
     assert k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride() and k_cache.shape[0] == 1
-    out = torch.empty_like(q)
+    has_bias = partial and bias is not None
+    qb, kb, vb = bias if has_bias else (q, k, v)  # (unread without bias)
+    extra = dict(qb_ptr=qb, kb_ptr=kb, vb_ptr=vb, PARTIAL=partial, HAS_BIAS=has_bias)
+    out = torch.empty(q.shape, dtype=k_cache.dtype, device=q.device)
     per = min(ATTN_SPLIT, max(16, triton.next_power_of_2(k_cache.shape[2])))
     nsplit = triton.cdiv(k_cache.shape[2], per)
     ws, cnt = _attn_workspace(q.device, n_q, nsplit, hd)
     _rope_attention_kernel[(n_q, nsplit)](q, k, v, cos, sin, pos, k_cache, v_cache, out, ws, cnt, n_q // n_kv,
                                           nsplit, k_cache.stride(1), k_cache.stride(2), 1.0 / math.sqrt(hd),
                                           window or 0, HD=hd, P=per, NS_BLOCK=16, HAS_WINDOW=window is not None,
-                                          num_warps=8 if per * hd >= 16384 else 4, **pdl_args(q.device))
+                                          num_warps=8 if per * hd >= 16384 else 4, **pdl_args(q.device), **extra)
     return out
 
 

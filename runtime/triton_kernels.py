@@ -205,6 +205,23 @@ if HAVE_TRITON:
         return y
 
     @triton.jit
+    def _pending(x_ptr, p_ptr, pb_ptr, offs, m, HAS_PB: tl.constexpr):
+        """x + a linear's output handed over as fp32 partial sums (`partial=`): the sums (+ bias) rounded to x.dtype,
+        then added, as the split-K epilogue's `_residual` computes `x + linear(h)`. In x.dtype."""
+        y = tl.load(p_ptr + offs, mask=m, other=0.0)
+        if HAS_PB:
+            y += tl.load(pb_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        return _residual(y, x_ptr + offs, m, x_ptr.dtype.element_ty, True).to(x_ptr.dtype.element_ty)
+
+    @triton.jit
+    def _clear(ptr, n, pid, BLOCK: tl.constexpr):
+        """Zero slots [pid * BLOCK, pid * BLOCK + BLOCK) of n: a partial-sum buffer whose readers all ran in the
+        previous kernel, left zeroed for its next writer."""
+        if BLOCK > 0:
+            offs = pid * BLOCK + tl.arange(0, BLOCK)
+            tl.store(ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=offs < n)
+
+    @triton.jit
     def _column_block(blkseg_ptr, N, BLOCK_N: tl.constexpr, NSEG: tl.constexpr):
         """This program's column block (grid axis 0): its index, columns, their in-bounds mask and its segment."""
         pid_n = tl.program_id(0)
@@ -255,12 +272,17 @@ if HAVE_TRITON:
         HAS_NORM: tl.constexpr = False,
         BLOCK_ROW: tl.constexpr = 16,  # next power of two >= K (HAS_NORM)
         USE_PDL: tl.constexpr = False,
+        PARTIAL: tl.constexpr = False,  # hand the fp32 partial sums over in ws_ptr: no epilogue (see `partial=`)
+        clear_ptr=None,  # [CLEAR_N] fp32 zeroed after the wait (CLEAR_BLOCK slots per program), or None
+        CLEAR_N=0,
+        CLEAR_BLOCK: tl.constexpr = 0,
     ):
         _pdl_launch(USE_PDL)
         pid_n, offs_n, n_in, seg = _column_block(blkseg_ptr, N, BLOCK_N, NSEG)
         pid_k = tl.program_id(1)
         t = _round_thr(tl.load(thr_ptr + seg).to(tl.float32), x_ptr, HAS_SCALE)
         _pdl_wait(USE_PDL)  # the segment map and threshold above are static: their loads overlap the previous kernel
+        _clear(clear_ptr, CLEAR_N, pid_n * tl.num_programs(1) + pid_k, CLEAR_BLOCK)
         r = 1.0
         if HAS_NORM:  # every program needs 1 / rms of the whole row (8 KB from L2 at 4096 wide): no norm launch
             row = tl.arange(0, BLOCK_ROW)
@@ -351,6 +373,8 @@ if HAVE_TRITON:
         else:
             ws = ws_ptr + rows[:, None] * N + offs_n[None, :]
             tl.atomic_add(ws, res, mask=o_mask, sem="relaxed")
+            if PARTIAL:  # the consumer finishes the sums (`_pending`): no arrival counter, no last program
+                return
             tl.debug_barrier()
             cnt = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
             if cnt == tl.num_programs(1) - 1:
@@ -385,6 +409,12 @@ def pick_config(B: int, K: int, N: int, seg_sizes: Optional[Sequence[int]] = Non
         return dict(algo="stream", block_n=2048, rows=2, split=max(1, 528 // nblk), num_warps=8,
                     num_stages=2, prefetch=True)
     return split_k_config(B, K, N)
+
+
+def gemv_config(B: int, K: int, N: int, seg_sizes: Sequence[int], variant: str, device=None) -> dict:
+    """The config `sparse_gemv_segments` runs a sparse call with by default: a tuned one (`set_tuned`; variant
+    "sparse" or "norm"), else `pick_config`'s. algo="stream" means the two-phase kernel (no `partial=`)."""
+    return TUNED.get((B, K, N, tuple(seg_sizes), variant)) or pick_config(B, K, N, seg_sizes, device)
 
 
 def split_k_config(B: int, K: int, N: int) -> dict:
@@ -521,6 +551,8 @@ def sparse_gemv_segments(
     glu: bool = False,
     norm: Optional[tuple] = None,
     all_rows: bool = False,
+    partial: Optional[torch.Tensor] = None,
+    clear: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused threshold-sparse GEMV over column segments that share one input.
 
@@ -554,6 +586,12 @@ def sparse_gemv_segments(
             `rms_norm` first.
         all_rows: dense — every input channel counts, thresholds and scales are ignored (the decode step's dense
             o and down, which keep the fused residual and silu·mul). Split-K kernel only.
+        partial: a zeroed fp32 ``[1, N]`` buffer (`partial_buffer`): the programs add their fp32 partial sums there
+            and stop, without the split-K epilogue (arrival counter, last program rereading the sums), which costs
+            1.3-1.5 us per GEMV on an H200; the next kernel finishes them (bias, rounding, residual: `_pending`) and
+            a later one zeroes the buffer. Returns `partial`. Batch 1, no bias or residual here.
+        clear: an fp32 buffer this launch zeroes after waiting for the previous kernel (a `partial` whose readers
+            all ran before it).
     Returns ``[B, N]`` in x.dtype (split it with ``y.split(seg_sizes, -1)``).
     One kernel launch for all segments.
     """
@@ -594,12 +632,14 @@ def sparse_gemv_segments(
         assert out.shape == (B, N) and out.stride(1) == 1
 
     if config is None:
-        variant = "sparse" if norm is None else "norm"
-        config = TUNED.get((B, K, N, seg_sizes, variant)) or pick_config(B, K, N, seg_sizes, dev)
+        config = gemv_config(B, K, N, seg_sizes, "sparse" if norm is None else "norm", dev)
     cfg = dict(config)
     if residual is not None:
         assert residual.shape == (B, N) and residual.is_contiguous() and out.is_contiguous()
-    if B == 1 and cfg.get("algo") == "stream" and not glu and residual is None:
+    if partial is not None:
+        assert B == 1 and bias is None and residual is None and partial.shape == (1, N), "partial: batch 1, no epilogue"
+        assert partial.dtype == torch.float32 and partial.is_contiguous()
+    if B == 1 and cfg.get("algo") == "stream" and not glu and residual is None and partial is None:
         return _stream_gemv(x, w_t, thr, seg_sizes, scales, bias, out, cfg, norm)
     if norm is not None:
         assert not glu, "norm and glu exclude each other"
@@ -620,7 +660,9 @@ def sparse_gemv_segments(
     kps = min(kps, triton.cdiv(K, block_k) * block_k)
     split_k = triton.cdiv(K, kps)
     nblk = triton.cdiv(N, block_n)
-    if split_k > 1:
+    if partial is not None:
+        ws, cnt = partial, partial  # no counters
+    elif split_k > 1:
         ws, cnt = _workspace(dev, B, N, nblk)
     else:
         ws, cnt = out, out  # unused
@@ -632,7 +674,7 @@ def sparse_gemv_segments(
         residual if residual is not None else thr,
         blkseg, out, ws, cnt,
         B, K, N, x.stride(0), w_t.stride(0), out.stride(0), kps,
-        SPLIT_K=split_k > 1, NSEG=nseg,
+        SPLIT_K=split_k > 1 or partial is not None, NSEG=nseg,
         HAS_SCALE=scales is not None, HAS_BIAS=bias is not None,
         BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n,
         DOT_IEEE=x.dtype == torch.float32 or _interpreting(),
@@ -642,8 +684,30 @@ def sparse_gemv_segments(
         eps=float(norm[1]) if norm is not None else 0.0, HAS_NORM=norm is not None,
         BLOCK_ROW=triton.next_power_of_2(K) if norm is not None else 16,
         **pdl_args(dev), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1),
+        PARTIAL=partial is not None, **_clear_args(clear, nblk * split_k),
     )
-    return out
+    return out if partial is None else partial
+
+
+def _clear_args(clear: Optional[torch.Tensor], programs: int) -> dict:
+    """Launch kwargs of `_clear`: `clear` spread over a grid of `programs` programs (none: no clearing)."""
+    if clear is None:
+        return {}
+    assert clear.dtype == torch.float32 and clear.is_contiguous()
+    n = clear.numel()
+    return dict(clear_ptr=clear, CLEAR_N=n, CLEAR_BLOCK=max(16, triton.next_power_of_2(triton.cdiv(n, programs))))
+
+
+_PARTIAL_CACHE: dict = {}
+
+
+def partial_buffer(device, name: str, n: int) -> torch.Tensor:
+    """A zeroed fp32 [1, n] buffer for `sparse_gemv_segments(partial=)`, cached per (device, name, n); whoever
+    reads its sums leaves it zeroed (`clear=`, or the reader itself)."""
+    key = (device, name, n)
+    if key not in _PARTIAL_CACHE:
+        _PARTIAL_CACHE[key] = torch.zeros(1, n, dtype=torch.float32, device=device)
+    return _PARTIAL_CACHE[key]
 
 
 def sparse_gemv(
@@ -704,10 +768,13 @@ if HAVE_TRITON:
     @triton.jit
     def _compact_kernel(x_ptr, thr_ptr, scale_ptr, idx_ptr, xv_ptr, cnt_ptr, K, NCHUNK, norm_ptr, eps,
                         HAS_SCALE: tl.constexpr, CH: tl.constexpr, HAS_NORM: tl.constexpr = False,
-                        BLOCK_ROW: tl.constexpr = 16, USE_PDL: tl.constexpr = False):
+                        BLOCK_ROW: tl.constexpr = 16, USE_PDL: tl.constexpr = False, p_ptr=None, pb_ptr=None,
+                        x1_ptr=None, PENDING: tl.constexpr = False, HAS_PB: tl.constexpr = False):
         """grid (nseg, NCHUNK): chunk c of segment seg compacts channels [c*CH, (c+1)*CH) into its own slots. With
         HAS_NORM the input is RMSNorm(x) (norm weight at norm_ptr), with the formula, block and warps of
-        `_rmsnorm_kernel`: the norm costs no launch of its own."""
+        `_rmsnorm_kernel`: the norm costs no launch of its own. PENDING (with HAS_NORM): the input is x1 = x + the
+        o projection handed over as partial sums (p_ptr, bias pb_ptr; `_pending`), which segment 0's programs also
+        store at x1_ptr (the MLP's residual)."""
         _pdl_launch(USE_PDL)
         seg = tl.program_id(0)
         c = tl.program_id(1)
@@ -719,10 +786,19 @@ if HAVE_TRITON:
         if HAS_NORM:
             gw = tl.load(norm_ptr + offs, mask=m, other=0.0).to(tl.float32)
         _pdl_wait(USE_PDL)
-        xv = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        row = tl.arange(0, BLOCK_ROW)
+        if PENDING:
+            x1 = _pending(x_ptr, p_ptr, pb_ptr, offs, m, HAS_PB)
+            if seg == 0:
+                tl.store(x1_ptr + offs, x1, mask=m)
+            xv = x1.to(tl.float32)
+            xrow = _pending(x_ptr, p_ptr, pb_ptr, row, row < K, HAS_PB).to(tl.float32)
+        else:
+            xv = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            if HAS_NORM:
+                xrow = tl.load(x_ptr + row, mask=row < K, other=0.0).to(tl.float32)
         if HAS_NORM:
-            row = tl.arange(0, BLOCK_ROW)
-            r = _inv_rms(tl.load(x_ptr + row, mask=row < K, other=0.0).to(tl.float32), K, eps)
+            r = _inv_rms(xrow, K, eps)
             xv = _normed(xv, gw, r, x_ptr.dtype.element_ty).to(tl.float32)
         if HAS_SCALE:
             act = (tl.abs(xv) * sc >= t) & m
@@ -866,7 +942,8 @@ if HAVE_TRITON:
                     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_F: tl.constexpr, ROWS: tl.constexpr,
                     ROWS_D: tl.constexpr, BLOCK_OUT: tl.constexpr, NCHUNK: tl.constexpr, CH: tl.constexpr,
                     GU_STAGES: tl.constexpr, D_STAGES: tl.constexpr, USE_PDL: tl.constexpr = False,
-                    trace_ptr=None, TRACE: tl.constexpr = False):
+                    trace_ptr=None, TRACE: tl.constexpr = False, clear_ptr=None, CLEAR_N=0,
+                    CLEAR_BLOCK: tl.constexpr = 0):
         """The sparse MLP after the compaction launch, in one launch without a grid-wide barrier between gate/up and
         down: program p owns intermediate channels [p * BLOCK_F, (p + 1) * BLOCK_F). It sums their gate and up
         columns over every listed (active) input row, so it holds finished gate/up values itself; computes
@@ -891,6 +968,7 @@ if HAVE_TRITON:
             bg = tl.load(bgu_ptr + offs_f).to(tl.float32)
             bu = tl.load(bgu_ptr + F + offs_f).to(tl.float32)
         _pdl_wait(USE_PDL)
+        _clear(clear_ptr, CLEAR_N, pid, CLEAR_BLOCK)
         _trace(tr, 2, TRACE)
         # the compaction's lists: gate's active inputs in slots [0, K), up's in [K, 2K), NCHUNK chunks each
         n_g, e_g, p_g = _chunked_list(cnt_ptr, NCHUNK, CH)
@@ -971,21 +1049,27 @@ def _stream_gemv(x, w_t, thr, seg_sizes, scales, bias, out, cfg, norm=None, glu_
     return _stream_launch(idx, xv, cnt, w_t, bias, out, seg_sizes, thr, nchunk, ch, cfg, glu_next=glu_next)
 
 
-def _compact(x, thr, scales, norm, cfg: dict, launch: bool = True) -> tuple:
+def _compact(x, thr, scales, norm, cfg: dict, launch: bool = True, pending: Optional[tuple] = None) -> tuple:
     """The compaction launch: each segment's (one per threshold) active channels of x (RMSNorm(x) with `norm`) in
-    chunks of cfg's compact_ch (1024 by default). Returns (the cached lists, chunks per segment, chunk size)."""
+    chunks of cfg's compact_ch (1024 by default). `pending` (partial sums, bias or None, x1 out; with `norm`): the
+    input is x1 = x + the sums, stored at x1 out. Returns (the cached lists, chunks per segment, chunk size)."""
     K = x.shape[1]
     ch = min(triton.next_power_of_2(K), cfg.get("compact_ch", 1024))
     nchunk = triton.cdiv(K, ch)
     idx, xv, cnt = lists = _lists(x.device, thr.numel(), K, nchunk)
     # with a norm, its row reduction must see the layout of `rms_norm`: the same warps
     warps = _norm_warps(K) if norm is not None else cfg.get("compact_warps", 4)
+    pend = {}
+    if pending is not None:
+        assert norm is not None, "pending sums need the norm's whole-row pass"
+        p, pb, x1 = pending
+        pend = dict(p_ptr=p, pb_ptr=pb if pb is not None else p, x1_ptr=x1, PENDING=True, HAS_PB=pb is not None)
     if launch:
         _compact_kernel[(thr.numel(), nchunk)](x, thr, scales if scales is not None else thr, idx, xv, cnt, K,
                                                nchunk, thr if norm is None else norm[0],
                                                0.0 if norm is None else float(norm[1]), HAS_SCALE=scales is not None,
                                                CH=ch, HAS_NORM=norm is not None, BLOCK_ROW=triton.next_power_of_2(K),
-                                               num_warps=warps, **pdl_args(x.device))
+                                               num_warps=warps, **pdl_args(x.device), **pend)
     return lists, nchunk, ch
 
 
@@ -1044,8 +1128,8 @@ DOWN_STREAM = dict(block_n=2048, rows=4, split=132, num_warps=8, num_stages=2, p
 def sparse_mlp(x: torch.Tensor, w_gu: torch.Tensor, thr_gu: torch.Tensor, seg_sizes: Sequence[int],
                scales_gu: Optional[torch.Tensor], bias_gu: Optional[torch.Tensor], norm: tuple,
                w_down: torch.Tensor, thr_down: torch.Tensor, scale_down: Optional[torch.Tensor],
-               residual: torch.Tensor, config: Optional[dict] = None,
-               down_config: Optional[dict] = None) -> Optional[torch.Tensor]:
+               residual: Optional[torch.Tensor], config: Optional[dict] = None,
+               down_config: Optional[dict] = None, pending: Optional[tuple] = None) -> Optional[torch.Tensor]:
     """residual + down(silu(gate) * up) of a decode row with both GEMVs sparse. With `MLP_FUSED` (or a config with
     algo="fused") in two launches: RMSNorm + compaction of gate/up's active channels, then `_mlp_kernel` (gate/up
     over exactly those rows, silu·mul, down over exactly its active rows, residual). Else, with a stream config, in
@@ -1056,18 +1140,20 @@ def sparse_mlp(x: torch.Tensor, w_gu: torch.Tensor, thr_gu: torch.Tensor, seg_si
     three launches) or a fused config whose block_f divides F.
 
     x [1, K]; w_gu [K, 2F] input-major (gate | up), seg_sizes (F, F); norm (weight, eps) of x; w_down [F, N];
-    thr_down [1]; scale_down [F] (WINA) or None; residual [1, N]."""
-    B, K = x.shape
-    F = w_down.shape[0]
-    seg_sizes = tuple(int(v) for v in seg_sizes)
-    if B != 1 or len(seg_sizes) != 2 or seg_sizes != (F, F) or w_gu.shape != (K, 2 * F):
-        return None
-    cfg = config or TUNED.get((1, K, 2 * F, seg_sizes, "norm")) or pick_config(1, K, 2 * F, seg_sizes, x.device)
-    fused = config or (MLP_FUSED if cfg.get("algo") == "stream" else None)
-    if not (fused and fused.get("algo") == "fused" and F % fused["block_f"] == 0):
-        fused = None
-        if cfg.get("algo") != "stream":
+    thr_down [1]; scale_down [F] (WINA) or None; residual [1, N].
+
+    pending = (fp32 partial sums [1, K], bias or None) of the previous linear (`sparse_gemv_segments(partial=)`),
+    two launches only (see `fused_mlp_config`): the MLP's input is then x1 = x + those sums (`_pending`), which is
+    also the residual (pass residual=None); the compaction launch finishes the sums and `_mlp_kernel` zeroes them."""
+    cfg = _mlp_config(x, w_gu, seg_sizes, w_down, config)
+    fused = fused_mlp_config(x, w_gu, seg_sizes, w_down, config)
+    if pending is not None and fused is None:
+        raise ValueError("pending sums need the two-launch MLP (fused_mlp_config)")
+    if fused is None:
+        if cfg is None or cfg.get("algo") != "stream":
             return None
+        F = w_down.shape[0]
+        seg_sizes = (F, F)
         block_n = _fix_block_n(cfg.get("block_n", 128), 2 * F, seg_sizes)
         if F % block_n:  # the (gate block j, up block j) pairs must be whole column blocks
             return None
@@ -1076,7 +1162,8 @@ def sparse_mlp(x: torch.Tensor, w_gu: torch.Tensor, thr_gu: torch.Tensor, seg_si
     if scale_down is not None:
         scale_down = scale_down.to(device=dev, dtype=torch.float32).reshape(-1).contiguous()
     if fused is not None:
-        return _fused_mlp(x, w_gu, thr, scales_gu, bias_gu, norm, w_down, thr_down, scale_down, residual, fused)
+        return _fused_mlp(x, w_gu, thr, scales_gu, bias_gu, norm, w_down, thr_down, scale_down, residual, fused,
+                          pending)
     gu = torch.empty(1, 2 * F, dtype=x.dtype, device=dev)
     _stream_gemv(x, w_gu, thr, seg_sizes, scales_gu, bias_gu, gu, dict(cfg), norm, glu_next=(thr_down, scale_down))
     nchunk = F // block_n
@@ -1091,6 +1178,25 @@ def sparse_mlp(x: torch.Tensor, w_gu: torch.Tensor, thr_gu: torch.Tensor, seg_si
                           residual=residual.contiguous())
 
 
+def fused_mlp_config(x: torch.Tensor, w_gu: torch.Tensor, seg_sizes: Sequence[int], w_down: torch.Tensor,
+                     config: Optional[dict] = None) -> Optional[dict]:
+    """The `_mlp_kernel` config `sparse_mlp` runs this call with (two launches), or None (three, or not at all)."""
+    cfg = _mlp_config(x, w_gu, seg_sizes, w_down, config)
+    fused = cfg and (config or (MLP_FUSED if cfg.get("algo") == "stream" else None))
+    return fused if fused and fused.get("algo") == "fused" and w_down.shape[0] % fused["block_f"] == 0 else None
+
+
+def _mlp_config(x, w_gu, seg_sizes, w_down, config: Optional[dict]) -> Optional[dict]:
+    """gate/up's config for a `sparse_mlp` call (the given one, tuned or picked), None where the call does not fit
+    (batch 1, gate/up = two halves of F)."""
+    B, K = x.shape
+    F = w_down.shape[0]
+    seg_sizes = tuple(int(v) for v in seg_sizes)
+    if B != 1 or seg_sizes != (F, F) or w_gu.shape != (K, 2 * F):
+        return None
+    return config or gemv_config(1, K, 2 * F, seg_sizes, "norm", x.device)
+
+
 # `sparse_mlp` in two launches (`_mlp_kernel`: intermediate channels per program, list rows per step of gate/up,
 # whole down rows per step, compaction chunk, stages of Triton's pipeliner for the gate/up and down loops) where it
 # would take three stream launches; None: three. Measured on an H200 (docs/BENCHMARKS.md): decode 347.1-350.3 tok/s
@@ -1100,17 +1206,28 @@ def sparse_mlp(x: torch.Tensor, w_gu: torch.Tensor, thr_gu: torch.Tensor, seg_si
 MLP_FUSED: Optional[dict] = dict(algo="fused", block_f=64, rows=64, rows_d=4, num_warps=8, compact_ch=2048,
                                  gu_stages=3, d_stages=3)
 
+# The decode step's split-K GEMVs hand their fp32 partial sums to the next kernel instead of finishing them
+# (`sparse_gemv_segments(partial=)`; `FusedDecodeStep`): sparse, q/k/v's to the attention and o's to the MLP's
+# compaction launch; dense, o's to the RMSNorm before gate/up. False: every GEMV finishes its own sums.
+HAND_OVER = True
+
 # Diagnostics (benchmarks/gpu_profile.py --mlp-timeline): an int64 [programs, MLP_TRACE_SLOTS] device tensor that
 # the next `_mlp_kernel` launch fills with its trace rows (see `_mlp_kernel`), or None.
 MLP_TRACE: Optional[torch.Tensor] = None
 
 
-def _fused_mlp(x, w_gu, thr, scales_gu, bias_gu, norm, w_down, thr_down, scale_down, residual, cfg):
+def _fused_mlp(x, w_gu, thr, scales_gu, bias_gu, norm, w_down, thr_down, scale_down, residual, cfg, pending=None):
     """`sparse_mlp` in two launches: the compaction (norm fused), then `_mlp_kernel`."""
     K = x.shape[1]
     F, N = w_down.shape
     dev = x.device
-    lists, nchunk, ch = _compact(x, thr, scales_gu, norm, cfg)
+    clear = {}
+    if pending is not None:
+        assert residual is None, "with pending sums the residual is the MLP's input"
+        residual = torch.empty_like(x)
+        pending = (pending[0], pending[1], residual)
+        clear = _clear_args(pending[0], F // cfg["block_f"])
+    lists, nchunk, ch = _compact(x, thr, scales_gu, norm, cfg, pending=pending)
     ws, done = _workspace(dev, 1, N, 1)
     out = torch.empty(1, N, dtype=x.dtype, device=dev)
     bf = cfg["block_f"]
@@ -1121,7 +1238,7 @@ def _fused_mlp(x, w_gu, thr, scales_gu, bias_gu, norm, w_down, thr_down, scale_d
                             ROWS_D=cfg.get("rows_d", 4), BLOCK_OUT=triton.next_power_of_2(N), NCHUNK=nchunk, CH=ch,
                             GU_STAGES=cfg.get("gu_stages", 3), D_STAGES=cfg.get("d_stages", 3), **pdl_args(dev),
                             trace_ptr=MLP_TRACE, TRACE=MLP_TRACE is not None, num_warps=cfg.get("num_warps", 8),
-                            num_stages=1)
+                            num_stages=1, **clear)
     return out
 
 
@@ -1139,14 +1256,24 @@ def set_tuned(B: int, K: int, N: int, seg_sizes, config: dict, variant: str = "s
 if HAVE_TRITON:
 
     @triton.jit
-    def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, D, eps, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, D, eps, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False,
+                        p_ptr=None, pb_ptr=None, x1_ptr=None, PENDING: tl.constexpr = False,
+                        HAS_PB: tl.constexpr = False):
+        """RMSNorm of each row; PENDING (one row): of x1 = x + a linear's output handed over as partial sums
+        (`_pending`), storing x1 too and zeroing the sums (this program is their only reader)."""
         _pdl_launch(USE_PDL)
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         m = offs < D
         w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
         _pdl_wait(USE_PDL)
-        x = tl.load(x_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32)
+        if PENDING:
+            x1 = _pending(x_ptr, p_ptr, pb_ptr, offs, m, HAS_PB)
+            tl.store(x1_ptr + offs, x1, mask=m)
+            tl.store(p_ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=m)
+            x = x1.to(tl.float32)
+        else:
+            x = tl.load(x_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * D + offs, _normed(x, w, _inv_rms(x, D, eps), y_ptr.dtype.element_ty), mask=m)
 
 
@@ -1154,9 +1281,20 @@ def _norm_warps(D: int) -> int:
     return 4 if D <= 4096 else 8
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """One-launch RMSNorm with the numerics of runtime.model.RMSNorm (fp32 statistics, x.dtype output)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, pending: Optional[tuple] = None):
+    """One-launch RMSNorm with the numerics of runtime.model.RMSNorm (fp32 statistics, x.dtype output).
+
+    pending = (fp32 partial sums [1, D], bias or None) of the linear whose output is added to the one row x
+    (`sparse_gemv_segments(partial=)`): returns (x1, rms_norm(x1)) for x1 = x + that output, and zeroes the sums."""
     D = x.shape[-1]
+    if pending is not None:
+        assert x.numel() == D and x.is_contiguous()
+        p, pb = pending
+        x1, y = torch.empty_like(x), torch.empty_like(x)
+        _rmsnorm_kernel[(1,)](x, weight, y, D, float(eps), BLOCK=triton.next_power_of_2(D), num_warps=_norm_warps(D),
+                              **pdl_args(x.device), p_ptr=p, pb_ptr=pb if pb is not None else p, x1_ptr=x1,
+                              PENDING=True, HAS_PB=pb is not None)
+        return x1, y
     x2 = x.reshape(-1, D)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != D):
         x2 = x2.contiguous()

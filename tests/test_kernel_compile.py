@@ -31,7 +31,8 @@ def test_decode_kernels_compile_for_h200_without_spills():
     assert {"_sparse_gemv_kernel", "_compact_kernel", "_stream_kernel", "_rmsnorm_kernel", "_rope_attention_kernel",
             "_argmax_part_kernel", "_glu_kernel", "_mlp_kernel"} <= kernels, kernels
     steps = {r["variant"].rsplit(" #", 1)[0] for r in rows}
-    assert {"qkv wina", "o teal", "mlp wina", "mlp teal", "dense", "attention"} <= steps, steps
+    assert {"qkv wina", "o teal", "mlp wina", "mlp teal", "dense", "attention", "hand-over wina", "hand-over teal",
+            "dense hand-over", "attention hand-over"} <= steps, steps
     # the MLP's three launches: compaction (norm fused), gate/up stream with down's list epilogue, down stream
     assert [r["kernel"] for r in rows if r["variant"].startswith("mlp wina")] == [
         "_compact_kernel", "_stream_kernel", "_stream_kernel"]

@@ -145,6 +145,55 @@ def test_sparse_mlp_matches_reference(teal, with_bias):
                          config=dict(block_n=32, block_k=16, k_per_split=32)) is None
 
 
+def test_partial_sums_handed_over():
+    """`partial=`: a split-K GEMV leaves its fp32 sums for the next kernel, which finishes them exactly as the
+    GEMV's own epilogue would (bias, rounding, residual): the attention (q/k/v), the MLP's compaction (o, then the
+    MLP kernel zeroes them) and the RMSNorm (dense o, zeroing them itself); `clear=` zeroes another buffer."""
+    g = torch.Generator().manual_seed(8)
+    K, seg = 96, (H * HD, KV * HD, KV * HD)
+    N = sum(seg)
+    x = torch.randn(1, K, generator=g)
+    w_t = torch.randn(K, N, generator=g) * 0.1
+    bias = torch.randn(N, generator=g)
+    gain = torch.rand(K, generator=g) + 0.5
+    scales = torch.rand(3, K, generator=g) + 0.5
+    h = tk.rms_norm(x, gain, 1e-5)
+    thr = torch.stack([torch.quantile((h.abs() * scales[j]).flatten(), 0.5) for j in range(3)])
+    cfg = dict(block_n=32, block_k=16, k_per_split=32, num_warps=1)
+    p = torch.zeros(1, N)
+    dirty = torch.randn(50, generator=g)
+    assert tk.sparse_gemv_segments(x, w_t, thr, seg, scales, norm=(gain, 1e-5), config=cfg, partial=p,
+                                   clear=dirty) is p
+    torch.testing.assert_close(p, tk.reference_sparse_gemv_segments(h, w_t, thr, seg, scales), rtol=1e-5, atol=1e-5)
+    assert not dirty.any()
+    # the attention finishes q/k/v: + bias, then as from the finished output
+    cos, sin = _rope_tables(torch.float32, g)
+    kc, vc = torch.randn(1, KV, L, HD, generator=g), torch.randn(1, KV, L, HD, generator=g)
+    kc2, vc2 = kc.clone(), vc.clone()
+    y = td.rope_attention(*p.view(-1).split(seg), cos, sin, torch.tensor([9]), kc, vc, partial=True,
+                          bias=bias.split(seg))
+    ref = td.rope_attention(*(p + bias).view(-1).split(seg), cos, sin, torch.tensor([9]), kc2, vc2)
+    assert torch.equal(y, ref) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    # dense o's sums to the RMSNorm: x1 = x + (sums + bias), its norm, the sums zeroed
+    po, bo = p[:, :K].clone(), bias[:K]
+    x1, hn = tk.rms_norm(x, gain, 1e-5, pending=(po, bo))
+    torch.testing.assert_close(x1, x + p[:, :K] + bo)
+    torch.testing.assert_close(hn, tk.rms_norm(x1, gain, 1e-5))
+    assert not po.any()
+    # o's sums to the MLP in two launches: as `sparse_mlp` of x1 with x1 as residual; the MLP kernel zeroes them
+    Fm = 64
+    w_gu = torch.randn(K, 2 * Fm, generator=g) * 0.1
+    w_d = torch.randn(Fm, K, generator=g) * 0.1
+    t_gu, t_d = torch.tensor([0.3, 0.3]), torch.tensor([0.05])
+    fused = dict(algo="fused", block_f=16, rows=4, rows_d=2, num_warps=4, compact_ch=32)
+    ref = tk.sparse_mlp(x1, w_gu, t_gu, (Fm, Fm), None, None, (gain, 1e-5), w_d, t_d, None, x1, config=fused)
+    po = p[:, :K].clone()
+    y = tk.sparse_mlp(x, w_gu, t_gu, (Fm, Fm), None, None, (gain, 1e-5), w_d, t_d, None, None, config=fused,
+                      pending=(po, bo))
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    assert not po.any()
+
+
 def test_two_stage_argmax_matches_torch():
     """The decode loop's greedy token on CUDA: first index of the max, as torch.argmax, also across slices and for
     ties (a tie inside one slice, and across two slices)."""
@@ -200,14 +249,16 @@ class _Counting:
 
 
 @pytest.mark.parametrize("sparse,stream,fused_mlp", [(None, False, False), (True, False, False), (True, True, False),
-                                                     (True, True, True)])
+                                                     (True, True, True), (True, "gate_up", True)])
 def test_fused_decode_step_matches_plain_path(sparse, stream, fused_mlp, monkeypatch):
     """Whole decode steps (dense and sparse at calibrated 50 % thresholds) through FusedDecodeStep equal the plain
-    block path in fp32, and the fused step really ran on every block of every step. `stream`: q/k/v and gate/up run
-    the stream kernel with the RMSNorm fused into its compaction launch (the GPU's choice for gate/up); otherwise
+    block path in fp32, and the fused step really ran on every block of every step. `stream`: q/k/v and gate/up (or
+    gate/up only, as on the GPU) run the stream kernel with the RMSNorm fused into its compaction launch (the GPU's choice for gate/up); otherwise
     the split-K kernel with the norm computed in each program (dense: over every row for o and down). With stream,
     sparse, the MLP takes `sparse_mlp`: in three launches (down streams the channels gate/up's last programs
-    listed), or with `fused_mlp` in two (compaction, then `_mlp_kernel`; gate/up then never streams)."""
+    listed), or with `fused_mlp` in two (compaction, then `_mlp_kernel`; gate/up then never streams). Split-K
+    GEMVs hand their partial sums over (`HAND_OVER`): dense, o's to the RMSNorm; sparse with the MLP in two launches
+    and a split-K q/k/v (the GPU's path), also q/k/v's to the attention and o's to the compaction."""
     monkeypatch.setattr(tk, "MLP_FUSED", dict(algo="fused", block_f=32, rows=4, rows_d=2, num_warps=4)
                         if fused_mlp else None)
     hf = wb.synthetic_hf(SMALL, "cpu", torch.float32, layers=2)
@@ -219,7 +270,7 @@ def test_fused_decode_step_matches_plain_path(sparse, stream, fused_mlp, monkeyp
         monkeypatch.setattr(tk, "TUNED", {})
         d, f = SMALL["hidden_size"], SMALL["intermediate_size"]
         kv = d // SMALL["num_attention_heads"] * SMALL["num_key_value_heads"]
-        for seg in ((d, kv, kv), (f, f)):
+        for seg in ((d, kv, kv), (f, f))[1 if stream == "gate_up" else 0:]:
             tk.set_tuned(1, d, sum(seg), seg, dict(algo="stream", block_n=32, rows=4, split=2), variant="norm")
     streamed, mlps = [], []
     real_stream, real_mlp = tk._stream_gemv, tk.sparse_mlp
@@ -231,6 +282,9 @@ def test_fused_decode_step_matches_plain_path(sparse, stream, fused_mlp, monkeyp
         return y
 
     monkeypatch.setattr(tk, "sparse_mlp", mlp)
+    handed = []
+    real_partial = tk.partial_buffer
+    monkeypatch.setattr(tk, "partial_buffer", lambda *a: handed.append(a[1]) or real_partial(*a))
     outs, calls = {}, []
     for fast in (False, True):
         if fast:
@@ -241,9 +295,12 @@ def test_fused_decode_step_matches_plain_path(sparse, stream, fused_mlp, monkeyp
     disable_fast_path(dec)
     assert len(calls) == 2 * 4
     # q/k/v and gate/up (unless the fused MLP takes it), normed, 2 blocks, 4 steps
-    assert streamed == ([True] * (1 if sparse and fused_mlp else 2) * 2 * 4 if stream else [])
+    per_block = (stream != "gate_up") + (not (sparse and fused_mlp))
+    assert streamed == ([True] * per_block * 2 * 4 if stream else [])
     # sparse: `sparse_mlp` answers where gate/up's config streams (in two launches with fused_mlp, else three)
-    assert mlps == ([stream] * 2 * 4 if sparse else [])
+    assert mlps == ([bool(stream)] * 2 * 4 if sparse else [])
+    hand_over = ["o"] if not sparse else ["o", "qkv"] if fused_mlp and stream == "gate_up" else []
+    assert handed == hand_over * 2 * 4
     assert all(blk.decode_step is None for blk in dec.blocks)
     torch.testing.assert_close(outs[True], outs[False], rtol=1e-4, atol=1e-4)
 
