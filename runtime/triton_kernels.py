@@ -588,8 +588,9 @@ def sparse_gemv_segments(
             o and down, which keep the fused residual and silu·mul). Split-K kernel only.
         partial: a zeroed fp32 ``[1, N]`` buffer (`partial_buffer`): the programs add their fp32 partial sums there
             and stop, without the split-K epilogue (arrival counter, last program rereading the sums), which costs
-            1.3-1.5 us per GEMV on an H200 (run AT, docs/BENCHMARKS.md); the next kernel finishes them (bias, rounding, residual: `_pending`) and
-            a later one zeroes the buffer. Returns `partial`. Batch 1, no bias or residual here.
+            1.3-1.5 us per GEMV on an H200 (run AT, docs/BENCHMARKS.md); the next kernel finishes them (bias,
+            rounding, residual: `_pending`) and a later one zeroes the buffer. Returns `partial`. Batch 1, no bias or
+            residual here.
         clear: an fp32 buffer this launch zeroes after waiting for the previous kernel (a `partial` whose readers
             all ran before it).
     Returns ``[B, N]`` in x.dtype (split it with ``y.split(seg_sizes, -1)``).

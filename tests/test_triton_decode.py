@@ -253,7 +253,7 @@ class _Counting:
 def test_fused_decode_step_matches_plain_path(sparse, stream, fused_mlp, monkeypatch):
     """Whole decode steps (dense and sparse at calibrated 50 % thresholds) through FusedDecodeStep equal the plain
     block path in fp32, and the fused step really ran on every block of every step. `stream`: q/k/v and gate/up (or
-    gate/up only, as on the GPU) run the stream kernel with the RMSNorm fused into its compaction launch (the GPU's choice for gate/up); otherwise
+    gate/up only, as on the GPU) run the stream kernel with the RMSNorm fused into its compaction launch; otherwise
     the split-K kernel with the norm computed in each program (dense: over every row for o and down). With stream,
     sparse, the MLP takes `sparse_mlp`: in three launches (down streams the channels gate/up's last programs
     listed), or with `fused_mlp` in two (compaction, then `_mlp_kernel`; gate/up then never streams). Split-K
