@@ -143,21 +143,14 @@ def mlp_timeline(calls: int = 4, config: dict | None = None) -> dict:
     import gpu_suite as gs
     from wina.runtime import triton_kernels as tk
 
-    K, H = 4096, 14336
-    gain = (torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16)
-    ws, sc, x, thr, _ = gs.problem(K, 2 * H, (H, H), norm=gain)
-    wd = [torch.randn(H, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in ws]
-    s_d = wd[0].float().norm(dim=1)
-    _, t_d = gs.mlp_act(tk.rms_norm(x, gain, gs.NORM_EPS), ws[0], thr, sc, s_d)
-    res = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    run, copies = gs.mlp_problem()
     cfg = dict(tk.MLP_FUSED, **(config or {}))
-    nprog = H // cfg["block_f"]
+    nprog = gs.MLP_SHAPE[1] // cfg["block_f"]
     bufs = [torch.zeros(nprog, tk.MLP_TRACE_SLOTS, dtype=torch.int64, device="cuda") for _ in range(calls)]
     try:
         for i in range(calls + 2):  # two warm-up calls (compile), then the traced ones back to back
             tk.MLP_TRACE = bufs[max(i - 2, 0)]
-            w = i % len(ws)
-            tk.sparse_mlp(x, ws[w], thr, (H, H), sc, None, (gain, gs.NORM_EPS), wd[w], t_d, s_d, res, config=cfg)
+            run(i % copies, cfg)
             if i < 2:
                 torch.cuda.synchronize()
         torch.cuda.synchronize()
@@ -180,7 +173,7 @@ def mlp_timeline(calls: int = 4, config: dict | None = None) -> dict:
               f"last program done {row['last_program_end_us']:.2f})")
         print("  slowest gate/up (program, SM, programs on that SM, us): "
               + ", ".join(f"{p} {s_} {n} {g}" for p, s_, n, g in row["slowest_gate_up"]))
-    del ws, wd
+    del run
     torch.cuda.empty_cache()
     return {"calls": out}
 

@@ -419,18 +419,35 @@ MLP_FUSED_GRID = [(64, 8, 64, 4, 3, 3),  # 116 regs, 2/SM, the default (`MLP_FUS
                   (64, 4, 64, 4, 3, 3)]  # 204, 2/SM
 
 
-def tune_mlp() -> dict:
-    """The sparse decode step's MLP (`sparse_mlp`, 8B shapes, s = 0.5, CUDA graph over rotating weights): three
-    launches (compaction, gate/up stream with down's list epilogue, down stream) against two (compaction, then
-    `_mlp_kernel`) over `MLP_FUSED_GRID`. Reports only: isolated, the two paths tie within noise (runs X-AD,
-    docs/BENCHMARKS.md), while decode measures the difference (`--mlp-ab`)."""
-    K, H = 4096, 14336
+# The decode step's MLP at the Llama-3-8B shape: hidden size, intermediate size.
+MLP_SHAPE = (4096, 14336)
+
+
+def mlp_problem():
+    """The sparse MLP (`sparse_mlp`) at `MLP_SHAPE`, s = 0.5, for timing: gate/up and down weight copies rotating over
+    > 400 MB (every call reads HBM), WINA scales, x with its RMSNorm gain, thresholds at the median score (gate/up: of
+    the normed x; down: of the reference activation) and a residual row. Returns (run(copy, config), copies)."""
+    K, H = MLP_SHAPE
     gain = (torch.rand(K, device=DEV) + 0.5).to(torch.bfloat16)
     ws, sc, x, thr, _ = problem(K, 2 * H, (H, H), norm=gain)
     wd = [torch.randn(H, K, device=DEV, dtype=torch.bfloat16) * 0.02 for _ in ws]
     s_d = wd[0].float().norm(dim=1)
     _, t_d = mlp_act(tk.rms_norm(x, gain, NORM_EPS), ws[0], thr, sc, s_d)
     res = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
+
+    def run(i: int, config: dict):
+        return tk.sparse_mlp(x, ws[i], thr, (H, H), sc, None, (gain, NORM_EPS), wd[i], t_d, s_d, res, config=config)
+
+    return run, len(ws)
+
+
+def tune_mlp() -> dict:
+    """The sparse decode step's MLP (`sparse_mlp`, 8B shapes, s = 0.5, CUDA graph over rotating weights): three
+    launches (compaction, gate/up stream with down's list epilogue, down stream) against two (compaction, then
+    `_mlp_kernel`) over `MLP_FUSED_GRID`. Reports only: isolated, the two paths tie within noise (runs X-AD,
+    docs/BENCHMARKS.md), while decode measures the difference (`--mlp-ab`)."""
+    K, H = MLP_SHAPE
+    run, copies = mlp_problem()
     cands = [("three launches", tk.pick_config(1, K, 2 * H, (H, H)))] + [
         (f"two: {f} channels, {w} warps, rows {r}, down rows {rd}, gate/up loop in {st} stages, down loop in {ds}",
          dict(tk.MLP_FUSED or {}, algo="fused", block_f=f, num_warps=w, rows=r, rows_d=rd, gu_stages=st,
@@ -440,15 +457,14 @@ def tune_mlp() -> dict:
          dict(tk.MLP_FUSED or {}, algo="fused", compact_ch=4096))]
     rows = []
     for name, cfg in cands:
-        calls = [lambda w=w, dw=dw, c=cfg: tk.sparse_mlp(x, w, thr, (H, H), sc, None, (gain, NORM_EPS), dw, t_d, s_d,
-                                                          res, config=c) for w, dw in zip(ws, wd)]
+        calls = [lambda i=i, c=cfg: run(i, c) for i in range(copies)]
         try:
             rows.append((wb._graph_time_us(calls, min_calls=64), name))
         except Exception as e:  # noqa: BLE001
             log(f"  mlp {name} skipped: {type(e).__name__}: {str(e)[:100]}")
     for t, name in rows:
         log(f"  mlp {t:.1f} us: {name}")
-    del ws, wd
+    del run, calls
     torch.cuda.empty_cache()
     return {"us": [(round(t, 2), name) for t, name in rows]}
 

@@ -247,7 +247,7 @@ class FusedDecodeStep(_DecodeStep):
     active rows + residual; six launches with `triton_kernels.MLP_FUSED = None`). Dense (seven): RMSNorm + cuBLAS for
     q/k/v and for gate/up, the same attention, o + residual and silu·mul + down + residual through the split-K
     kernel over every row. With `triton_kernels.HAND_OVER`, split-K GEMVs leave their fp32 partial sums to the next
-    kernel, which finishes them (`_handing_over`; 1.3-1.5 us less per GEMV)."""
+    kernel, which finishes them (`_hands_over`; 1.3-1.5 us less per GEMV, run AT in docs/BENCHMARKS.md)."""
 
     @staticmethod
     def supports(blk: nn.Module) -> bool:
@@ -266,12 +266,27 @@ class FusedDecodeStep(_DecodeStep):
             return None
         sparse = sparse or None
         x1 = x.reshape(1, -1)
-        if tk.HAND_OVER:
-            out = self._handing_over(x1, cos, sin, pos, sparse)
-            if out is not None:
-                return out.view(x.shape)
-        q, k, v = a.qkv.joint(x1, sparse, norm=blk.attn_norm).split(a.qkv.sizes, -1)
-        y = td.rope_attention(q, k, v, cos, sin, pos, a.cache.k, a.cache.v, a.window).view(1, -1)
+        dev, n = x1.device, x1.shape[1]
+        hand = tk.HAND_OVER and self._hands_over(x1, sparse)
+        if hand:
+            p_o = tk.partial_buffer(dev, "o", n)
+            p_qkv = tk.partial_buffer(dev, "qkv", sum(a.qkv.sizes)) if sparse else None
+        if hand and sparse:  # q/k/v's partial sums, finished by the attention
+            q, k, v = a.qkv._fast(x1, sparse, blk.attn_norm, partial=p_qkv).split(a.qkv.sizes, -1)
+            bias = None if a.qkv.bias is None else a.qkv.bias.split(a.qkv.sizes)
+            y = td.rope_attention(q, k, v, cos, sin, pos, a.cache.k, a.cache.v, a.window, partial=True, bias=bias)
+        else:
+            q, k, v = a.qkv.joint(x1, sparse, norm=blk.attn_norm).split(a.qkv.sizes, -1)
+            y = td.rope_attention(q, k, v, cos, sin, pos, a.cache.k, a.cache.v, a.window)
+        y = y.view(1, -1)
+        if hand:  # o's partial sums, finished by the MLP's compaction launch (sparse) or the RMSNorm (dense)
+            o = a.o
+            if sparse:
+                o.kernel.run(o, y, partial=p_o, clear=p_qkv)
+                return _sparse_mlp(m, blk.mlp_norm, x1, sparse, pending=(p_o, o.bias)).view(x.shape)
+            o.kernel.run(o, y, dense=True, partial=p_o)
+            x1, h = tk.rms_norm(x1, blk.mlp_norm.weight, blk.mlp_norm.eps, pending=(p_o, o.bias))
+            return _linear_residual(m.down, m.gate_up.joint(h, None), x1, sparse, glu=True).view(x.shape)
         x1 = _linear_residual(a.o, y, x1, sparse)
         out = _sparse_mlp(m, blk.mlp_norm, x1, sparse)
         if out is None:
@@ -279,53 +294,44 @@ class FusedDecodeStep(_DecodeStep):
             out = _linear_residual(m.down, gu, x1, sparse, glu=True)
         return out.view(x.shape)
 
-    def _handing_over(self, x1, cos, sin, pos, sparse: SparseSpec) -> torch.Tensor | None:
-        """The block with split-K GEMVs handing their fp32 partial sums to the next kernel (`partial=`) instead of
-        finishing them: sparse, q/k/v's to the attention and o's to the MLP's compaction launch; dense, o's to the
-        RMSNorm before gate/up. None where a piece would take another path (the caller then runs the block's
-        usual launches)."""
-        from . import triton_decode as td
+    def _hands_over(self, x1: torch.Tensor, sparse: SparseSpec) -> bool:
+        """Whether this step's split-K GEMVs hand their fp32 partial sums to the next kernel (`partial=`) instead of
+        finishing them: o on the split-K kernel; sparse, also q/k/v on split-K (not the stream kernel) and the MLP in
+        two launches (the GPU's defaults). Then sparse, q/k/v's sums go to the attention and o's to the MLP's
+        compaction launch; dense, o's to the RMSNorm before gate/up."""
         from . import triton_kernels as tk
 
-        blk = self.blk
-        a, m, o = blk.attn, blk.mlp, blk.attn.o
-        if not isinstance(o.kernel, _GpuKernel):
-            return None
-        dev, n = x1.device, x1.shape[1]
-        if sparse:
-            qkv_cfg = tk.gemv_config(1, n, sum(a.qkv.sizes), a.qkv.sizes, "norm", dev)
-            if not (o.active and a.qkv.takes(x1, sparse) and qkv_cfg.get("algo") != "stream"
-                    and _sparse_mlp(m, blk.mlp_norm, x1, sparse, plan=True)):
-                return None
-            p_o, p_qkv = tk.partial_buffer(dev, "o", n), tk.partial_buffer(dev, "qkv", sum(a.qkv.sizes))
-            q, k, v = a.qkv._fast(x1, sparse, blk.attn_norm, partial=p_qkv).split(a.qkv.sizes, -1)
-            bias = None if a.qkv.bias is None else a.qkv.bias.split(a.qkv.sizes)
-            y = td.rope_attention(q, k, v, cos, sin, pos, a.cache.k, a.cache.v, a.window, partial=True, bias=bias)
-            o.kernel.run(o, y.view(1, -1), partial=p_o, clear=p_qkv)
-            return _sparse_mlp(m, blk.mlp_norm, x1, sparse, pending=(p_o, o.bias))
-        q, k, v = a.qkv.joint(x1, None, norm=blk.attn_norm).split(a.qkv.sizes, -1)
-        y = td.rope_attention(q, k, v, cos, sin, pos, a.cache.k, a.cache.v, a.window).view(1, -1)
-        p_o = tk.partial_buffer(dev, "o", n)
-        o.kernel.run(o, y, dense=True, partial=p_o)
-        x1, h = tk.rms_norm(x1, blk.mlp_norm.weight, blk.mlp_norm.eps, pending=(p_o, o.bias))
-        return _linear_residual(m.down, m.gate_up.joint(h, None), x1, sparse, glu=True)
+        a, m = self.blk.attn, self.blk.mlp
+        if not isinstance(a.o.kernel, _GpuKernel):
+            return False
+        if not sparse:
+            return True
+        n = x1.shape[1]
+        return (a.o.active and a.qkv.takes(x1, sparse)
+                and tk.gemv_config(1, n, sum(a.qkv.sizes), a.qkv.sizes, "norm", x1.device).get("algo") != "stream"
+                and _mlp_takes(m, x1, sparse)
+                and tk.fused_mlp_config(x1, m.gate_up.w_t, m.gate_up.sizes, m.down.kernel.w_t) is not None)
 
 
-def _sparse_mlp(m: nn.Module, norm: nn.Module, x1: torch.Tensor, sparse: SparseSpec, pending: tuple | None = None,
-                plan: bool = False) -> torch.Tensor | bool | None:
+def _mlp_takes(m: nn.Module, x1: torch.Tensor, sparse: SparseSpec) -> bool:
+    """Whether `sparse_mlp` may run this MLP: gate/up and down both on sparse GPU kernels, down without bias
+    (metered runs never reach a decode step: `accepts`)."""
+    down = m.down
+    return (down.active and isinstance(down.kernel, _GpuKernel) and down.bias is None
+            and m.gate_up.takes(x1, sparse))
+
+
+def _sparse_mlp(m: nn.Module, norm: nn.Module, x1: torch.Tensor, sparse: SparseSpec,
+                pending: tuple | None = None) -> torch.Tensor | None:
     """x1 + down(silu(gate) * up) (norm(x1) in) with gate/up and down both sparse through `sparse_mlp`: down
     streams exactly its active rows, listed by the programs that computed them, instead of testing its channels.
     None where that path does not apply. `pending` = (o's partial sums, o's bias): x1 is then x1 + o's output (two
-    launches only); `plan`: only whether that two-launch path applies."""
+    launches only)."""
     from . import triton_kernels as tk
 
-    down = m.down  # (metered runs never reach a decode step: `accepts`)
-    if not (down.active and isinstance(down.kernel, _GpuKernel) and down.bias is None
-            and m.gate_up.takes(x1, sparse)):
+    if not _mlp_takes(m, x1, sparse):
         return None
-    gu = m.gate_up
-    if plan:
-        return tk.fused_mlp_config(x1, gu.w_t, gu.sizes, down.kernel.w_t) is not None
+    gu, down = m.gate_up, m.down
     scale = down.col_norm.reshape(-1) if down.use_col_norm else None
     return tk.sparse_mlp(x1, gu.w_t, gu.thr.get(), gu.sizes, gu._scales, gu.bias, (norm.weight, norm.eps),
                          down.kernel.w_t, down.kernel.thr.get(), scale, None if pending else x1, pending=pending)

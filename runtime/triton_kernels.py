@@ -952,7 +952,8 @@ if HAVE_TRITON:
         down list) and streams exactly their rows of w_d (input-channel-major, whole rows) into one fp32 partial of
         the output, added to the workspace once (an atomic add per step instead made the kernel 2-4x slower); the
         last program adds the residual and writes the output. Both loops are pipelined by Triton (GU_STAGES,
-        D_STAGES): the list indices through shared memory, rows in registers. TRACE: per program, the SM and global
+        D_STAGES): list entries and weight rows go through shared memory by cp.async, two buffers each at 3 stages
+        (64 KB of down rows, the most). TRACE: per program, the SM and global
         timer at each phase (benchmarks/gpu_profile.py --mlp-timeline)."""
         _pdl_launch(USE_PDL)
         pid = tl.program_id(0)
@@ -1147,7 +1148,7 @@ def sparse_mlp(x: torch.Tensor, w_gu: torch.Tensor, thr_gu: torch.Tensor, seg_si
     two launches only (see `fused_mlp_config`): the MLP's input is then x1 = x + those sums (`_pending`), which is
     also the residual (pass residual=None); the compaction launch finishes the sums and `_mlp_kernel` zeroes them."""
     cfg = _mlp_config(x, w_gu, seg_sizes, w_down, config)
-    fused = fused_mlp_config(x, w_gu, seg_sizes, w_down, config)
+    fused = _fused_of(cfg, config, w_down.shape[0])
     if pending is not None and fused is None:
         raise ValueError("pending sums need the two-launch MLP (fused_mlp_config)")
     if fused is None:
@@ -1182,9 +1183,14 @@ def sparse_mlp(x: torch.Tensor, w_gu: torch.Tensor, thr_gu: torch.Tensor, seg_si
 def fused_mlp_config(x: torch.Tensor, w_gu: torch.Tensor, seg_sizes: Sequence[int], w_down: torch.Tensor,
                      config: Optional[dict] = None) -> Optional[dict]:
     """The `_mlp_kernel` config `sparse_mlp` runs this call with (two launches), or None (three, or not at all)."""
-    cfg = _mlp_config(x, w_gu, seg_sizes, w_down, config)
+    return _fused_of(_mlp_config(x, w_gu, seg_sizes, w_down, config), config, w_down.shape[0])
+
+
+def _fused_of(cfg: Optional[dict], config: Optional[dict], F: int) -> Optional[dict]:
+    """The two-launch config given gate/up's (`_mlp_config`): the caller's own fused config, else `MLP_FUSED` where
+    gate/up would stream; None unless its block_f divides F."""
     fused = cfg and (config or (MLP_FUSED if cfg.get("algo") == "stream" else None))
-    return fused if fused and fused.get("algo") == "fused" and w_down.shape[0] % fused["block_f"] == 0 else None
+    return fused if fused and fused.get("algo") == "fused" and F % fused["block_f"] == 0 else None
 
 
 def _mlp_config(x, w_gu, seg_sizes, w_down, config: Optional[dict]) -> Optional[dict]:
