@@ -19,7 +19,8 @@
    of decode (gpu_profile.py); one JSON line (also written to $OUT/gpu_suite.json when OUT is set).
 --tune-mlp times the sparse MLP alone in two launches (several `_mlp_kernel` shapes) and in three; --mlp-ab times
 the decode loop again with the MLP in three launches and with its compaction in chunks of 4096 and 1024 channels
-(same process); --ablate SETTING=VALUE times it again with any `triton_kernels` setting changed.
+(same process); --ablate SETTING=VALUE times it again with a runtime setting changed (a `triton_kernels` name,
+or module.NAME in wina.runtime, e.g. triton_decode.ATTN_SPLIT=64).
 """
 
 from __future__ import annotations
@@ -587,8 +588,9 @@ def main():
                     help="then decode with the MLP in three launches and with other compaction chunks too")
     ap.add_argument("--long-context", default="", help="comma-separated prompt lengths: decode after long prompts")
     ap.add_argument("--ablate", action="append", default=[], metavar="SETTING=VALUE",
-                    help="then decode with this triton_kernels setting changed (same process; e.g. MLP_FUSED=None "
-                         "or MLP_FUSED={...}: a Python literal); repeatable")
+                    help="then decode with this runtime setting changed (same process; e.g. MLP_FUSED=None, "
+                         "MLP_FUSED={...} (a Python literal) or triton_decode.ATTN_SPLIT=64; several joined by ';'); "
+                         "repeatable")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
@@ -607,8 +609,7 @@ def main():
               "mlp in two, compaction chunks of 1024": {"MLP_FUSED": dict(tk.MLP_FUSED or {}, compact_ch=1024)},
               } if args.mlp_ab else {}
     for a in args.ablate:
-        key, _, value = a.partition("=")
-        ablate[a] = {key: ast.literal_eval(value)}
+        ablate[a] = {key: ast.literal_eval(value) for key, _, value in (kv.partition("=") for kv in a.split(";"))}
     bench = wb.run_bench(synthetic="llama3-8b", device=DEV, dtype="bfloat16", sparsity=0.5, tokens=args.tokens,
                          hf_compile=not args.hf_eager, skip_hf=args.no_hf, log=log, ablate=ablate)
     res["bench"] = bench  # bench["no_pdl"]: the same decode loop without programmatic dependent launch

@@ -258,7 +258,7 @@ def run_bench(checkpoint: str | None = None, synthetic: str | None = None, devic
               sparsity: float = 0.5, tokens: int = 32, prompt_len: int = 32, sparsities=SPARSITIES, rounds: int = 2,
               skip_hf: bool = False, skip_matrices: bool = False, layers: int | None = None, hf_compile: bool = False,
               log=print, ablate: dict[str, dict] | None = None) -> dict:
-    """`wina bench`'s measurements (see runtime/cli.py). `ablate`: {label: {triton_kernels setting: value}}, each
+    """`wina bench`'s measurements (see runtime/cli.py). `ablate`: {label: {runtime setting: value}}, each
     timed end to end in the same process after the main figures (CUDA only)."""
     dev = torch.device(device)
     result: dict = {"device": str(dev), "sparsity": sparsity, "tokens": tokens}
@@ -325,17 +325,31 @@ def run_bench(checkpoint: str | None = None, synthetic: str | None = None, devic
     return result
 
 
-def _ablation(dec, prompt, tokens: int, rounds: int, log, label: str, **settings) -> dict:
-    """The same decode loop with some of triton_kernels' module settings changed (e.g. PDL=False), then restored."""
-    from . import triton_kernels as tk
+def _setting(key: str) -> tuple[object, str]:
+    """(owner, attribute) of a runtime setting: 'NAME' in triton_kernels, or 'module.NAME' / 'module.Class.NAME'
+    in wina.runtime.<module>."""
+    import importlib
 
-    saved = {k: getattr(tk, k) for k in settings}
+    *path, name = key.split(".")
+    owner = importlib.import_module(f"{__package__}.{path[0] if path else 'triton_kernels'}")
+    for part in path[1:]:
+        owner = getattr(owner, part)
+    if not hasattr(owner, name):
+        raise AttributeError(f"no setting {key}")
+    return owner, name
+
+
+def _ablation(dec, prompt, tokens: int, rounds: int, log, label: str, **settings) -> dict:
+    """The same decode loop with some runtime settings changed (e.g. PDL=False, triton_decode.ATTN_SPLIT=64; see
+    `_setting`), then restored."""
+    owners = {k: _setting(k) for k in settings}
+    saved = {k: getattr(*owners[k]) for k in settings}
     for k, v in settings.items():
-        setattr(tk, k, v)
+        setattr(*owners[k], v)
     try:
         r = e2e(dec, prompt, tokens, rounds=rounds)
     finally:
         for k, v in saved.items():
-            setattr(tk, k, v)
+            setattr(*owners[k], v)
     log(f"{label}: own dense {r['dense_tok_s']:.1f}, own sparse {r['sparse_tok_s']:.1f} tok/s")
     return {k: r[k] for k in ("dense_tok_s", "sparse_tok_s", "sparse_over_dense")}

@@ -41,8 +41,7 @@ class DecodeRunner:
     def _step(self) -> None:
         logits = self.dec(self.tok, pos=self.pos, sparse=self.sparse)[:, -1]
         self.logits = logits
-        self.tok.copy_(greedy_token(logits))
-        self.pos.add_(1)
+        greedy_token(logits, out=self.tok, advance=self.pos)
 
     @torch.no_grad()
     def capture(self) -> None:
@@ -106,16 +105,24 @@ def teacher_forced_logits(decoder, ids: torch.Tensor, prompt_len: int, sparse: S
     return torch.stack(out)
 
 
-def greedy_token(logits: torch.Tensor) -> torch.Tensor:
-    """argmax over the vocabulary, [B, V] -> [B, 1]. On CUDA, wide rows take the two-stage Triton argmax: torch's
-    single-row argmax over a 128k vocabulary is one ~36 us kernel per token on an H200 (benchmarks/gpu_profile.py).
-    Triton is imported only there (importing it costs ~0.25 s on the CPU machine)."""
+def greedy_token(logits: torch.Tensor, out: torch.Tensor | None = None,
+                 advance: torch.Tensor | None = None) -> torch.Tensor:
+    """argmax over the vocabulary, [B, V] -> [B, 1] (into `out` if given); then `advance` (a position) += 1. On
+    CUDA, wide rows take the two-launch Triton argmax, which also writes `out` and advances the position: torch's
+    single-row argmax over a 128k vocabulary is one ~36 us kernel per token on an H200 (benchmarks/gpu_profile.py),
+    and its result's gather, cast, copy and the increment four more launches. Triton is imported only there
+    (importing it costs ~0.25 s on the CPU machine)."""
     if logits.is_cuda and logits.shape[1] >= 16384 and logits.is_contiguous():
         from . import triton_decode as td
 
-        if td.HAVE_TRITON:
-            return td.argmax_two_stage(logits)
-    return logits.argmax(-1, keepdim=True)
+        if td.HAVE_TRITON and (out is None or out.is_contiguous()):
+            return td.argmax_two_stage(logits, out=out, advance=advance)
+    tok = logits.argmax(-1, keepdim=True)
+    if out is not None:
+        tok = out.copy_(tok)
+    if advance is not None:
+        advance.add_(1)
+    return tok
 
 
 def _sync(dev) -> None:

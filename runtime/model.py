@@ -6,6 +6,7 @@ Numerics follow transformers' eager implementation (fp32 RMSNorm and rotary tabl
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -18,6 +19,9 @@ from wina.format import shortcut_key
 
 from .config import DecoderConfig
 from .sparse import SparseLinear, SparseSpec
+
+# An attention mask [queries, keys] (True = attend), a function building it on first use, or None (causal).
+Mask = torch.Tensor | Callable[[], torch.Tensor] | None
 
 
 class RMSNorm(nn.Module):
@@ -139,11 +143,13 @@ class Block(nn.Module):
         a, m = self.attn, self.mlp
         return {"q": a.q, "k": a.k, "v": a.v, "o": a.o, "gate": m.gate, "up": m.up, "down": m.down}
 
-    def forward(self, x, cos, sin, pos, mask, sparse: SparseSpec) -> torch.Tensor:
+    def forward(self, x, cos, sin, pos, mask: Mask, sparse: SparseSpec) -> torch.Tensor:
         if self.decode_step is not None:
             y = self.decode_step(x, cos, sin, pos, sparse)
             if y is not None:
                 return y
+        if callable(mask):
+            mask = mask()
         if self.attn_shortcut is None and self.mlp_shortcut is None:
             x = x + self.attn(self.attn_norm(x), cos, sin, pos, mask, sparse)
             return x + self.mlp(self.mlp_norm(x), sparse)
@@ -154,17 +160,34 @@ class Block(nn.Module):
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for given positions, computed in fp32 like transformers."""
+    """cos/sin tables for given positions, computed in fp32 like transformers.
+
+    With a KV cache on CUDA (`build_table`), every position's rows are computed once, by the same elementwise
+    kernels, and a decode step reads its row in one launch instead of nine (casts, products, cat, cos, sin): the
+    same values, fewer launches per token. Not on the CPU, where a large tensor's cos/sin may take a different
+    (vectorized or scalar) code path for some elements than a one-row tensor, so the bits could differ."""
+
+    TABLE_DEVICES = ("cuda",)
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.register_buffer("inv_freq", cfg.inv_freq.clone(), persistent=False)
         self.scaling = cfg.rope_scaling
+        self.table: torch.Tensor | None = None  # [2 (cos, sin), positions, head_dim]
 
     def forward(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.table is not None and self.table.dtype == dtype:
+            cos_sin = self.table.index_select(1, pos)
+            return cos_sin[0], cos_sin[1]
         freqs = pos[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+    def build_table(self, max_len: int, dtype: torch.dtype) -> None:
+        """Tables of positions [0, max_len) in `dtype`, on TABLE_DEVICES only."""
+        self.table = None
+        if self.inv_freq.device.type in self.TABLE_DEVICES:
+            self.table = torch.stack(self(torch.arange(max_len, device=self.inv_freq.device), dtype))
 
 
 class Decoder(nn.Module):
@@ -195,11 +218,13 @@ class Decoder(nn.Module):
             a = blk.attn
             a.cache = KVCache(batch, a.n_kv, max_len, a.head_dim, p.dtype, p.device)
         self.max_cache_len = max_len
+        self.rotary.build_table(max_len, p.dtype)
 
     def clear_cache(self) -> None:
         for blk in self.blocks:
             blk.attn.cache = None
         self.max_cache_len = 0
+        self.rotary.table = None
 
     def _mask(self, pos: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
         k = torch.arange(kv_len, device=pos.device)
@@ -220,12 +245,14 @@ class Decoder(nn.Module):
             pos = torch.arange(t, device=input_ids.device)
         x = self.embed(input_ids)
         cos, sin = self.rotary(pos, x.dtype)
-        masks: dict[int | None, torch.Tensor | None] = {}
+        masks: dict[int | None, Mask] = {}
         for blk in self.blocks:
             w = blk.attn.window
             if w not in masks:
                 use_causal = not cached and (w is None or w >= t)
-                masks[w] = None if use_causal else self._mask(pos, self.max_cache_len if cached else t, w)
+                # built on first use: blocks whose decode fast path takes the step never need it (two launches less)
+                masks[w] = None if use_causal else functools.cache(
+                    functools.partial(self._mask, pos, self.max_cache_len if cached else t, w))
             x = blk(x, cos, sin, pos, masks[w], sparse)
         return self.lm_head(self.norm(x))
 

@@ -7,7 +7,7 @@
   combines (flash-decoding); the token's own k/v come from registers, so the program that writes its cache row races
   with nobody;
 - `glu`: silu(gate) * up in one launch (the dense path; the sparse down kernel computes it on the fly);
-- `argmax_two_stage`: the argmax over a large vocabulary in two short stages instead of one slow single-row
+- `argmax_two_stage`: the argmax over a large vocabulary in two short launches instead of one slow single-row
   reduction (the decode loop's greedy token on CUDA).
 
 Numerics follow the torch reference (runtime/model.py): rope products and the sum rounded to the activation dtype
@@ -58,11 +58,12 @@ if HAVE_TRITON:
         workspace; the last split of a head to finish (atomic counter, reset afterwards) combines them. Splits
         outside [window start, pos] do nothing, so the grid can be sized by the cache (CUDA-graph safe).
 
-        The position and the cache rows before it are read before `_pdl_wait`, overlapping the q/k/v GEMV: both were
-        written by earlier decode steps, which end in non-PDL kernels (argmax, the position increment) and begin
-        with some (embedding, rotary tables), so every write to them completed before this step's first PDL kernel
-        started. cos/sin are computed at the start of this step: read after the wait. PARTIAL: q, k and v are the
-        q/k/v GEMV's fp32 partial sums (bias at qb/kb/vb_ptr with HAS_BIAS), finished here (`_head`)."""
+        The position and the cache rows before it are read before `_pdl_wait` (overlapping the q/k/v GEMV where the
+        attention is launched early; `triton_kernels.PDL_LATE` launches it in stream order): both were written by
+        earlier decode steps, which end in non-PDL kernels (the argmax, whose second launch advances the position)
+        and begin with some (embedding, rotary row), so every write to them completed before this step's first PDL
+        kernel started. cos/sin, this step's rotary row, are read after the wait. PARTIAL: q, k and v are the q/k/v
+        GEMV's fp32 partial sums (bias at qb/kb/vb_ptr with HAS_BIAS), finished here (`_head`)."""
         _pdl_launch(USE_PDL)
         h = tl.program_id(0)
         sp = tl.program_id(1)
@@ -149,6 +150,19 @@ if HAVE_TRITON:
         tl.store(idx_ptr + b * NPART + c, i)
 
     @triton.jit
+    def _argmax_last_kernel(val_ptr, idx_ptr, out_ptr, pos_ptr, NPART, NP: tl.constexpr, ADVANCE: tl.constexpr):
+        """grid (rows,): a row's argmax from its slices' maxima (the first slice holding the max, as torch's
+        argmax), stored as int64; with ADVANCE, program 0 also adds 1 to the position at pos_ptr."""
+        b = tl.program_id(0)
+        c = tl.arange(0, NP)
+        v = tl.load(val_ptr + b * NPART + c, mask=c < NPART, other=float("-inf"))
+        j = tl.min(tl.where(v == tl.max(v, 0), c, NP), 0)
+        tl.store(out_ptr + b, tl.load(idx_ptr + b * NPART + j).to(tl.int64))
+        if ADVANCE:
+            if b == 0:
+                tl.store(pos_ptr, tl.load(pos_ptr) + 1)
+
+    @triton.jit
     def _glu_kernel(x_ptr, out_ptr, F, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
         _pdl_start(USE_PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -166,7 +180,7 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     CUDA-graph safe), attend over cache positions < pos (and > pos - window) plus the token itself. Returns [H*d].
     With programmatic dependent launch on, `pos` and the cache rows before it are read before waiting for the
     previous kernel: they must have been written before the step's first PDL kernel (as in `Decoder.forward`, whose
-    embedding and rotary-table kernels come first).
+    embedding and rotary-row kernels come first).
 
     `partial`: q, k, v are the q/k/v GEMV's fp32 partial sums (`sparse_gemv_segments(partial=)`), finished here:
     + `bias` (q's, k's, v's, or None), rounded to the cache's dtype."""
@@ -183,7 +197,8 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     _rope_attention_kernel[(n_q, nsplit)](q, k, v, cos, sin, pos, k_cache, v_cache, out, ws, cnt, n_q // n_kv,
                                           nsplit, k_cache.stride(1), k_cache.stride(2), 1.0 / math.sqrt(hd),
                                           window or 0, HD=hd, P=per, NS_BLOCK=16, HAS_WINDOW=window is not None,
-                                          num_warps=8 if per * hd >= 16384 else 4, **pdl_args(q.device), **extra)
+                                          num_warps=8 if per * hd >= 16384 else 4,
+                                          **pdl_args(q.device, "attention"), **extra)
     return out
 
 
@@ -202,15 +217,22 @@ def _attn_workspace(device, n_q: int, nsplit: int, hd: int):
     return _ATTN_WS[key]
 
 
-def argmax_two_stage(logits: torch.Tensor, block: int = 4096) -> torch.Tensor:
-    """argmax over [B, V] -> [B, 1] in two short stages (Triton over `block`-wide slices, then torch over their
-    maxima): first index of the max, as torch, for logits without NaN (torch would pick a NaN)."""
+def argmax_two_stage(logits: torch.Tensor, block: int = 4096, out: torch.Tensor | None = None,
+                     advance: torch.Tensor | None = None) -> torch.Tensor:
+    """argmax over [B, V] -> [B, 1] int64 (into `out` if given) in two launches (`block`-wide slices, then their
+    maxima): first index of the max, as torch, for logits without NaN (torch would pick a NaN). `advance`: a
+    position tensor [1] incremented by the second launch (the decode loop's step, without launches of its own)."""
     B, V = logits.shape
     npart = triton.cdiv(V, block)
     val = torch.empty(B, npart, dtype=torch.float32, device=logits.device)  # ties: the first slice, first index
     idx = torch.empty(B, npart, dtype=torch.int32, device=logits.device)
+    if out is None:
+        out = torch.empty(B, 1, dtype=torch.long, device=logits.device)
+    assert out.dtype == torch.long and out.is_contiguous() and out.numel() == B
     _argmax_part_kernel[(B, npart)](logits, val, idx, V, npart, BLOCK=block, num_warps=8)
-    return idx.gather(1, val.argmax(-1, keepdim=True)).long()
+    _argmax_last_kernel[(B,)](val, idx, out, out if advance is None else advance, npart,
+                              NP=triton.next_power_of_2(npart), ADVANCE=advance is not None, num_warps=1)
+    return out
 
 
 def glu(x: torch.Tensor) -> torch.Tensor:

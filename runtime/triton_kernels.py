@@ -473,15 +473,28 @@ PDL = os.environ.get("WINA_PDL", "1") not in ("", "0")
 _PDL_OK: dict = {}
 
 
-def pdl_args(device) -> dict:
-    """Launch kwargs turning programmatic dependent launch on where it is available, else {}."""
+# Decode kernels launched in stream order instead of early, by role ("qkv": split-K GEMVs with their RMSNorm,
+# "gemv": the other split-K GEMVs, "attention", "compact", "mlp": `_mlp_kernel`, "norm": `rms_norm`); they still let
+# the next kernel launch early. Chosen by measurement, not by a rule (H200, docs/BENCHMARKS.md session 10, runs
+# BH-BJ): the sparse decode step gains from launching its attention (32 programs after the q/k/v GEMV's 1536) and
+# its compaction (4 programs after o's 2048) late, +1.0 % and about +0.4 %, dense loses nothing measurable; q/k/v,
+# o, down and the dense RMSNorm lose when launched late.
+PDL_LATE: frozenset = frozenset({"attention", "compact"})
+
+
+def pdl_args(device, role: str = "") -> dict:
+    """Launch kwargs turning programmatic dependent launch on where it is available, else {}: the kernel may be
+    scheduled before the previous one ends (it waits in `_pdl_wait`) and lets the next one be scheduled early. A
+    `role` in PDL_LATE is not launched early; a kernel not launched early passes `_pdl_wait` at once."""
     if not PDL or device.type != "cuda" or _interpreting():
         return {}
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _PDL_OK:
         cuda_ext = getattr(getattr(tl, "extra", None), "cuda", None)  # gdc_* (seen in triton 3.6 and 3.9)
         _PDL_OK[idx] = torch.cuda.get_device_capability(idx)[0] >= 9 and hasattr(cuda_ext, "gdc_wait")
-    return {"USE_PDL": True, "launch_pdl": True} if _PDL_OK[idx] else {}
+    if not _PDL_OK[idx]:
+        return {}
+    return {"USE_PDL": True} if role in PDL_LATE else {"USE_PDL": True, "launch_pdl": True}
 
 
 _WS_CACHE = {}
@@ -684,8 +697,8 @@ def sparse_gemv_segments(
         ALL_ROWS=all_rows and block_b == 1, norm_ptr=norm[0] if norm is not None else thr,
         eps=float(norm[1]) if norm is not None else 0.0, HAS_NORM=norm is not None,
         BLOCK_ROW=triton.next_power_of_2(K) if norm is not None else 16,
-        **pdl_args(dev), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1),
-        PARTIAL=partial is not None, **_clear_args(clear, nblk * split_k),
+        **pdl_args(dev, "qkv" if norm is not None else "gemv"), num_warps=cfg.get("num_warps", 4),
+        num_stages=cfg.get("num_stages", 1), PARTIAL=partial is not None, **_clear_args(clear, nblk * split_k),
     )
     return out if partial is None else partial
 
@@ -1071,7 +1084,7 @@ def _compact(x, thr, scales, norm, cfg: dict, launch: bool = True, pending: Opti
                                                nchunk, thr if norm is None else norm[0],
                                                0.0 if norm is None else float(norm[1]), HAS_SCALE=scales is not None,
                                                CH=ch, HAS_NORM=norm is not None, BLOCK_ROW=triton.next_power_of_2(K),
-                                               num_warps=warps, **pdl_args(x.device), **pend)
+                                               num_warps=warps, **pdl_args(x.device, "compact"), **pend)
     return lists, nchunk, ch
 
 
@@ -1243,7 +1256,7 @@ def _fused_mlp(x, w_gu, thr, scales_gu, bias_gu, norm, w_down, thr_down, scale_d
                             done, *_lists(dev, 1, F, F // bf), K, F, N, HAS_BIAS=bias_gu is not None,
                             HAS_SCALE=scale_down is not None, BLOCK_F=bf, ROWS=cfg.get("rows", 64),
                             ROWS_D=cfg.get("rows_d", 4), BLOCK_OUT=triton.next_power_of_2(N), NCHUNK=nchunk, CH=ch,
-                            GU_STAGES=cfg.get("gu_stages", 3), D_STAGES=cfg.get("d_stages", 3), **pdl_args(dev),
+                            GU_STAGES=cfg.get("gu_stages", 3), D_STAGES=cfg.get("d_stages", 3), **pdl_args(dev, "mlp"),
                             trace_ptr=MLP_TRACE, TRACE=MLP_TRACE is not None, num_warps=cfg.get("num_warps", 8),
                             num_stages=1, **clear)
     return out
@@ -1299,7 +1312,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, pending: Optiona
         p, pb = pending
         x1, y = torch.empty_like(x), torch.empty_like(x)
         _rmsnorm_kernel[(1,)](x, weight, y, D, float(eps), BLOCK=triton.next_power_of_2(D), num_warps=_norm_warps(D),
-                              **pdl_args(x.device), p_ptr=p, pb_ptr=pb if pb is not None else p, x1_ptr=x1,
+                              **pdl_args(x.device, "norm"), p_ptr=p, pb_ptr=pb if pb is not None else p, x1_ptr=x1,
                               PENDING=True, HAS_PB=pb is not None)
         return x1, y
     x2 = x.reshape(-1, D)
@@ -1307,5 +1320,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, pending: Optiona
         x2 = x2.contiguous()
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     _rmsnorm_kernel[(x2.shape[0],)](x2, weight, y, D, float(eps), BLOCK=triton.next_power_of_2(D),
-                                    num_warps=_norm_warps(D), **pdl_args(x.device))
+                                    num_warps=_norm_warps(D), **pdl_args(x.device, "norm"))
     return y.view(x.shape)

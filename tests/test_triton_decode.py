@@ -203,6 +203,10 @@ def test_two_stage_argmax_matches_torch():
     x[2, 300] = x[2, 301] = 9.0  # tie inside a slice
     got = td.argmax_two_stage(x, block=256)
     assert torch.equal(got, x.argmax(-1, keepdim=True)) and got[1, 0] == 5 and got[2, 0] == 300
+    # as the decode loop calls it: into its token buffer, its position advanced by one in the same launches
+    tok, pos = torch.zeros(3, 1, dtype=torch.long), torch.tensor([7])
+    assert td.argmax_two_stage(x, block=256, out=tok, advance=pos) is tok
+    assert torch.equal(tok, got) and pos.item() == 8
 
 
 def test_glu_matches_torch():
@@ -320,3 +324,28 @@ def test_fused_decode_step_declines_other_calls():
     assert step(x1, cos[:1], sin[:1], torch.tensor([0]), torch.ones(1, 1, dtype=torch.bool)) is None
     dec.clear_cache()
     assert step(x1, cos[:1], sin[:1], torch.tensor([0]), True) is None  # no cache
+
+
+def test_decode_step_launches_less_with_the_same_results(monkeypatch):
+    """Per-token work outside the blocks: the rotary row read from a table built with the cache (CUDA; forced onto
+    the CPU here) and the attention mask built only if a block's plain path asks for it give the same logits as the
+    plain computation; the fused decode step never builds the mask."""
+    hf = wb.synthetic_hf(SMALL, "cpu", torch.float32, layers=2)
+    dec = wb.decoder_from_hf(hf)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
+    ref = teacher_forced_logits(dec, ids, 6, None, use_graph=False)
+    built, real_mask = [], dec._mask
+    monkeypatch.setattr(dec, "_mask", lambda *a: built.append(1) or real_mask(*a))
+    monkeypatch.setattr(type(dec.rotary), "TABLE_DEVICES", ("cpu",))
+    dec.setup_cache(1, 16)
+    assert dec.rotary.table.shape == (2, 16, dec.cfg.head_dim)
+    dec.clear_cache()
+    assert dec.rotary.table is None
+    assert torch.equal(teacher_forced_logits(dec, ids, 6, None, use_graph=False), ref)
+    assert len(built) == 1 + 6  # prefill, then one per decode step: the plain path asks for it
+    built.clear()
+    enable_fast_path(dec, backend="triton")
+    fast = teacher_forced_logits(dec, ids, 6, None, use_graph=False)
+    disable_fast_path(dec)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    assert len(built) == 1  # the prefill only
