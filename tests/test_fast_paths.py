@@ -128,6 +128,30 @@ def test_time_decode_and_matrix_bench(tiny):
     assert mb["layer"]["0.5"]["ideal_us"] == pytest.approx(0.5 * mb["layer"]["0.5"]["dense_us"])
 
 
+def test_ablation_sets_runtime_settings_for_one_run(monkeypatch):
+    """gpu_suite's --ablate: a triton_kernels NAME or 'module.[Class.]NAME' in wina.runtime holds its value for one
+    timed decode and is restored afterwards; an unknown name is refused before anything runs."""
+    from wina.runtime import model
+    from wina.runtime import triton_decode as td
+    from wina.runtime import triton_kernels as tk
+
+    seen = []
+
+    def e2e(*args, **kwargs):
+        seen.append((td.ATTN_SPLIT, tk.PDL_LATE, model.Rotary.TABLE_DEVICES))
+        return {"dense_tok_s": 1.0, "sparse_tok_s": 2.0, "sparse_over_dense": 2.0}
+
+    monkeypatch.setattr(wb, "e2e", e2e)
+    before = (td.ATTN_SPLIT, tk.PDL_LATE, model.Rotary.TABLE_DEVICES)
+    settings = {"triton_decode.ATTN_SPLIT": 64, "PDL_LATE": {"qkv"}, "model.Rotary.TABLE_DEVICES": ()}
+    r = wb._ablation(None, None, 1, 1, lambda *a: None, "x", **settings)
+    assert seen == [(64, {"qkv"}, ())] and r["sparse_over_dense"] == 2.0
+    assert (td.ATTN_SPLIT, tk.PDL_LATE, model.Rotary.TABLE_DEVICES) == before
+    with pytest.raises(AttributeError, match="no setting triton_decode.ATTN_SPLITS"):
+        wb._ablation(None, None, 1, 1, lambda *a: None, "y", **{"triton_decode.ATTN_SPLITS": 1})
+    assert len(seen) == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seg,ch,split", [((96,), 64, 1), ((64, 32, 32), 64, 3), ((48, 48), 256, 2)])
 @pytest.mark.parametrize("with_scale", [True, False])
