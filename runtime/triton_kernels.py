@@ -1290,7 +1290,7 @@ if HAVE_TRITON:
         if PENDING:
             x1 = _pending(x_ptr, p_ptr, pb_ptr, offs, m, HAS_PB)
             tl.store(x1_ptr + offs, x1, mask=m)
-            tl.store(p_ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=m)
+            _clear(p_ptr, D, 0, BLOCK)
             x = x1.to(tl.float32)
         else:
             x = tl.load(x_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32)

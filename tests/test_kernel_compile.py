@@ -29,7 +29,7 @@ def test_decode_kernels_compile_for_h200_without_spills():
     rows = json.loads(res.stdout.strip().splitlines()[-1])
     kernels = {r["kernel"] for r in rows}
     assert {"_sparse_gemv_kernel", "_compact_kernel", "_stream_kernel", "_rmsnorm_kernel", "_rope_attention_kernel",
-            "_argmax_part_kernel", "_glu_kernel", "_mlp_kernel"} <= kernels, kernels
+            "_argmax_part_kernel", "_argmax_last_kernel", "_glu_kernel", "_mlp_kernel"} <= kernels, kernels
     steps = {r["variant"].rsplit(" #", 1)[0] for r in rows}
     assert {"qkv wina", "o teal", "mlp wina", "mlp teal", "dense", "attention", "hand-over wina", "hand-over teal",
             "dense hand-over", "attention hand-over"} <= steps, steps
