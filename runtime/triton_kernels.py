@@ -276,20 +276,24 @@ if HAVE_TRITON:
         clear_ptr=None,  # [CLEAR_N] fp32 zeroed after the wait (CLEAR_BLOCK slots per program), or None
         CLEAR_N=0,
         CLEAR_BLOCK: tl.constexpr = 0,
+        EARLY: tl.constexpr = False,  # batch 1: the first step's weight rows loaded before the PDL wait, all of them
     ):
         _pdl_launch(USE_PDL)
         pid_n, offs_n, n_in, seg = _column_block(blkseg_ptr, N, BLOCK_N, NSEG)
         pid_k = tl.program_id(1)
         t = _round_thr(tl.load(thr_ptr + seg).to(tl.float32), x_ptr, HAS_SCALE)
+        k_lo = pid_k * K_PER_SPLIT
+        w_cols = w_ptr + offs_n[None, :]
+        if EARLY:  # weights are static: read while the previous kernel ends; inactive rows then meet x = 0
+            offs_k0 = k_lo + tl.arange(0, BLOCK_K)
+            w0 = _load_w(w_cols, offs_k0, stride_wk, offs_k0 < tl.minimum(k_lo + K_PER_SPLIT, K), n_in, EVEN_N,
+                         EVICT)
         _pdl_wait(USE_PDL)  # the segment map and threshold above are static: their loads overlap the previous kernel
         _clear(clear_ptr, CLEAR_N, pid_n * tl.num_programs(1) + pid_k, CLEAR_BLOCK)
         r = 1.0
         if HAS_NORM:  # every program needs 1 / rms of the whole row (8 KB from L2 at 4096 wide): no norm launch
             row = tl.arange(0, BLOCK_ROW)
             r = _inv_rms(tl.load(x_ptr + row, mask=row < K, other=0.0).to(tl.float32), K, eps)
-
-        k_lo = pid_k * K_PER_SPLIT
-        w_cols = w_ptr + offs_n[None, :]
 
         if BLOCK_B == 1:
             k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
@@ -300,7 +304,10 @@ if HAVE_TRITON:
                 offs_k = k_lo + tl.arange(0, BLOCK_K)
                 xr, sr = _load_x1(x_ptr, scale_ptr, seg, K, offs_k, k_hi, HAS_SCALE, GLU, norm_ptr, r, HAS_NORM)
                 xm, act = _act1(xr, sr, t, offs_k, k_hi, HAS_SCALE, ALL_ROWS)
-                w = _load_w(w_cols, offs_k, stride_wk, act, n_in, EVEN_N, EVICT)
+                if EARLY:
+                    w = w0
+                else:
+                    w = _load_w(w_cols, offs_k, stride_wk, act, n_in, EVEN_N, EVICT)
                 offs_k += BLOCK_K
                 xr, sr = _load_x1(x_ptr, scale_ptr, seg, K, offs_k, k_hi, HAS_SCALE, GLU, norm_ptr, r, HAS_NORM)
                 for kk in range(0, K_PER_SPLIT, BLOCK_K):
@@ -313,7 +320,14 @@ if HAVE_TRITON:
                     w = w1
                     offs_k += BLOCK_K
             else:
-                for kk in range(0, K_PER_SPLIT, BLOCK_K):
+                k0 = 0
+                if EARLY:
+                    offs_k = k_lo + tl.arange(0, BLOCK_K)
+                    xr, sr = _load_x1(x_ptr, scale_ptr, seg, K, offs_k, k_hi, HAS_SCALE, GLU, norm_ptr, r, HAS_NORM)
+                    xm, act = _act1(xr, sr, t, offs_k, k_hi, HAS_SCALE, ALL_ROWS)
+                    acc += xm[:, None] * w0.to(tl.float32)
+                    k0 = BLOCK_K
+                for kk in range(k0, K_PER_SPLIT, BLOCK_K):
                     offs_k = k_lo + kk + tl.arange(0, BLOCK_K)
                     xr, sr = _load_x1(x_ptr, scale_ptr, seg, K, offs_k, k_hi, HAS_SCALE, GLU, norm_ptr, r, HAS_NORM)
                     xm, act = _act1(xr, sr, t, offs_k, k_hi, HAS_SCALE, ALL_ROWS)
@@ -480,6 +494,17 @@ _PDL_OK: dict = {}
 # its compaction (4 programs after o's 2048) late, +1.0 % and about +0.4 %, dense loses nothing measurable; q/k/v,
 # o, down and the dense RMSNorm lose when launched late.
 PDL_LATE: frozenset = frozenset({"attention", "compact"})
+
+
+# Split-K GEMV roles ("qkv", "gemv", as in PDL_LATE) whose batch-1 programs load their first step's weight rows
+# before the PDL wait: all of them, since the threshold test needs x, which the previous kernel writes. The first
+# weight read then overlaps the previous kernel's end (launched early) or at least x's read, instead of following
+# it. Sparse, that also reads the first step's inactive rows. Same bits: inactive rows are multiplied by x = 0.
+# Measured on an H200 (docs/BENCHMARKS.md, session 11, runs BO-BQ): q/k/v, whose early programs wait out the MLP
+# kernel's tail, +0.9 % sparse decode (373.9 against 370.4 and 378.1 against 374.6 tok/s, same processes; in the
+# profile q/k/v + o 16.11 us per layer against 17.16); "gemv" (o after the attention, dense's o and down) nothing or
+# a little less. Only the sparse q/k/v runs the split-K kernel with a norm.
+EARLY_ROWS: frozenset = frozenset({"qkv"})
 
 
 def pdl_args(device, role: str = "") -> dict:
@@ -681,6 +706,7 @@ def sparse_gemv_segments(
     else:
         ws, cnt = out, out  # unused
     blkseg = _blkseg(dev, seg_sizes, block_n) if nseg > 1 else thr
+    role = "qkv" if norm is not None else "gemv"
     _sparse_gemv_kernel[(nblk, split_k)](
         x, w_t, thr,
         scales if scales is not None else thr,
@@ -697,8 +723,8 @@ def sparse_gemv_segments(
         ALL_ROWS=all_rows and block_b == 1, norm_ptr=norm[0] if norm is not None else thr,
         eps=float(norm[1]) if norm is not None else 0.0, HAS_NORM=norm is not None,
         BLOCK_ROW=triton.next_power_of_2(K) if norm is not None else 16,
-        **pdl_args(dev, "qkv" if norm is not None else "gemv"), num_warps=cfg.get("num_warps", 4),
-        num_stages=cfg.get("num_stages", 1), PARTIAL=partial is not None, **_clear_args(clear, nblk * split_k),
+        **pdl_args(dev, role), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1),
+        PARTIAL=partial is not None, **_clear_args(clear, nblk * split_k), EARLY=block_b == 1 and role in EARLY_ROWS,
     )
     return out if partial is None else partial
 

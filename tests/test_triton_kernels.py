@@ -87,6 +87,37 @@ def test_configs(cfg, B):
     assert torch.equal(y, y2)
 
 
+def test_early_first_rows_same_bits(monkeypatch):
+    """`EARLY_ROWS`: a program that reads its first step's weight rows before knowing which are active (inactive ones
+    then meet x = 0) gives the same bits as one that reads only active rows: with and without the hand-written
+    prefetch, a K slice not a multiple of the step, the fused norm + residual and the dense (every row) variant."""
+    g = torch.Generator().manual_seed(1)
+    K, N = 256, 192
+    x = torch.randn(1, K, generator=g).to(torch.bfloat16)
+    w_t = (torch.randn(K, N, generator=g) * 0.1).to(torch.bfloat16)
+    sc = torch.rand(3, K, generator=g) + 0.5
+    thr = torch.tensor([0.6, 0.7, 0.8])
+    gain = (torch.rand(K, generator=g) + 0.5).to(torch.bfloat16)
+    res = torch.randn(1, N, generator=g).to(torch.bfloat16)
+
+    def runs():
+        out = []
+        for cfg in (dict(block_n=32, block_k=16, k_per_split=64, num_warps=1, prefetch=True),
+                    dict(block_n=32, block_k=16, k_per_split=64, num_warps=1),
+                    dict(block_n=64, block_k=32, k_per_split=96, num_warps=1)):
+            out.append(tk.sparse_gemv_segments(x, w_t, thr, (64, 64, 64), sc, config=cfg))
+            out.append(tk.sparse_gemv_segments(x, w_t, thr, (64, 64, 64), sc, config=cfg, norm=(gain, 1e-5),
+                                               residual=res))
+            out.append(tk.sparse_gemv_segments(x, w_t, thr, (64, 64, 64), None, config=cfg, all_rows=True))
+        return out
+
+    monkeypatch.setattr(tk, "EARLY_ROWS", frozenset({"qkv", "gemv"}))
+    early = runs()
+    monkeypatch.setattr(tk, "EARLY_ROWS", frozenset())
+    late = runs()
+    assert all(torch.equal(a, b) for a, b in zip(early, late))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mask_is_exact(dtype):
     """y = masked x exactly when w_t = I: checks >= at the boundary and torch's promotion."""
