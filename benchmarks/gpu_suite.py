@@ -411,13 +411,13 @@ def tune(budget_s: float) -> dict:
 # down rows / warps with both loops pipelined by hand (docs/BENCHMARKS.md). Session 8 timed the first, third and
 # fourth alone (run AN) and the second end to end only (run AP); session 9 timed all (run AQ: 55.5, 66.4, 54.8,
 # 55.2, 59.2, 82.7, 55.4 us; the one-program-per-SM shapes also lost end to end).
-MLP_FUSED_GRID = [(64, 8, 64, 4, 3, 3),  # 116 regs, 2/SM, the default (`MLP_FUSED`)
+MLP_FUSED_GRID = [(64, 8, 64, 4, 3, 3),  # 116 regs, 2/SM, the default until session 11
                   (64, 8, 64, 4, 1, 1),  # 102, 2/SM
                   (64, 8, 64, 4, 3, 2),  # 116, 2/SM
                   (64, 8, 64, 2, 3, 4),  # 112, 2/SM
                   (128, 16, 64, 4, 3, 3),  # 112, 1/SM (112 programs)
                   (128, 8, 32, 4, 3, 3),  # 116, 2/SM (112 programs)
-                  (64, 4, 64, 4, 3, 3)]  # 204, 2/SM
+                  (64, 4, 64, 4, 3, 3)]  # 204, 2/SM, the default (`MLP_FUSED`) since session 11 (run BS)
 
 
 # The decode step's MLP at the Llama-3-8B shape: hidden size, intermediate size.
