@@ -1249,7 +1249,7 @@ def _mlp_config(x, w_gu, seg_sizes, w_down, config: Optional[dict]) -> Optional[
 # against 341.8-343.8 in three launches, same processes (runs X-AG); both loops in 3 stages by Triton instead of
 # pipelined by hand: 353.9 and 357.7 against 350.2 and 352.2 tok/s (runs AO, AN), the MLP alone 55.0 against 56.1 us
 # (run AN); 4 warps instead of 8 (204 registers instead of 116, still 2 programs per SM, one wave): 381.7 against
-# 378.0 tok/s, the MLP alone 52.7-52.9 against 53.3-53.8 us (run BS, session 11).
+# 378.0 tok/s, the MLP alone 52.7-52.9 against 53.8 us (run BS, session 11).
 MLP_FUSED: Optional[dict] = dict(algo="fused", block_f=64, rows=64, rows_d=4, num_warps=4, compact_ch=2048,
                                  gu_stages=3, d_stages=3)
 
