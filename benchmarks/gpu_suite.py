@@ -417,7 +417,8 @@ MLP_FUSED_GRID = [(64, 8, 64, 4, 3, 3),  # 116 regs, 2/SM, the default until ses
                   (64, 8, 64, 2, 3, 4),  # 112, 2/SM
                   (128, 16, 64, 4, 3, 3),  # 112, 1/SM (112 programs)
                   (128, 8, 32, 4, 3, 3),  # 116, 2/SM (112 programs)
-                  (64, 4, 64, 4, 3, 3)]  # 204, 2/SM, the default (`MLP_FUSED`) since session 11 (run BS)
+                  (64, 4, 64, 4, 3, 3),  # 204, 2/SM, the default in session 11 (run BS)
+                  (64, 4, 64, 2, 3, 4)]  # 204, 2/SM, the default (`MLP_FUSED`) since session 12 (runs CC, CD)
 
 
 # The decode step's MLP at the Llama-3-8B shape: hidden size, intermediate size.

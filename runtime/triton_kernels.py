@@ -991,9 +991,9 @@ if HAVE_TRITON:
         down list) and streams exactly their rows of w_d (input-channel-major, whole rows) into one fp32 partial of
         the output, added to the workspace once (an atomic add per step instead made the kernel 2-4x slower); the
         last program adds the residual and writes the output. Both loops are pipelined by Triton (GU_STAGES,
-        D_STAGES): list entries and weight rows go through shared memory by cp.async, two buffers each at 3 stages
-        (64 KB of down rows, the most). TRACE: per program, the SM and global
-        timer at each phase (benchmarks/gpu_profile.py --mlp-timeline)."""
+        D_STAGES): list entries and weight rows go through shared memory by cp.async (`MLP_FUSED`: gate/up in 3
+        stages, down in 4, whose 48 KB of buffers are the most). TRACE: per program, the SM and global timer at each
+        phase (benchmarks/gpu_profile.py --mlp-timeline)."""
         _pdl_launch(USE_PDL)
         pid = tl.program_id(0)
         tr = trace_ptr
@@ -1249,9 +1249,11 @@ def _mlp_config(x, w_gu, seg_sizes, w_down, config: Optional[dict]) -> Optional[
 # against 341.8-343.8 in three launches, same processes (runs X-AG); both loops in 3 stages by Triton instead of
 # pipelined by hand: 353.9 and 357.7 against 350.2 and 352.2 tok/s (runs AO, AN), the MLP alone 55.0 against 56.1 us
 # (run AN); 4 warps instead of 8 (204 registers instead of 116, still 2 programs per SM, one wave): 381.7 against
-# 378.0 tok/s, the MLP alone 52.7-52.9 against 53.8 us (run BS, session 11).
-MLP_FUSED: Optional[dict] = dict(algo="fused", block_f=64, rows=64, rows_d=4, num_warps=4, compact_ch=2048,
-                                 gu_stages=3, d_stages=3)
+# 378.0 tok/s, the MLP alone 52.7-52.9 against 53.8 us (run BS, session 11); down 2 rows a step in 4 stages instead
+# of 4 in 3 (49 KB of shared memory instead of 66): 383.5-383.9 against 381.8-382.3 tok/s in runs CC and CD, the
+# kernel's span 47.2-48.6 us against 49.5-50.9 (session 12).
+MLP_FUSED: Optional[dict] = dict(algo="fused", block_f=64, rows=64, rows_d=2, num_warps=4, compact_ch=2048,
+                                 gu_stages=3, d_stages=4)
 
 # The decode step's split-K GEMVs hand their fp32 partial sums to the next kernel instead of finishing them
 # (`sparse_gemv_segments(partial=)`; `FusedDecodeStep`): sparse, q/k/v's to the attention and o's to the MLP's
