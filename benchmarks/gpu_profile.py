@@ -6,7 +6,8 @@ Builds the synthetic Llama-3-8B-shaped model of `wina bench` (bf16, s = 0.5, fas
 step of `runtime.decode.DecodeRunner`, replays it under torch.profiler and reads the kernel records of the
 replays from the Chrome trace. Kernels of a graph with programmatic dependent launch overlap (the next one is
 resident and waiting before the previous ends), so a kernel's "effective" time is its end minus the previous
-kernel's end: what it adds to the token. Prints, per kernel name, calls per token and effective us per token.
+kernel's end: what it adds to the token. Prints, per kernel name, calls per token and effective us per token, and
+the per-layer reading of sparse over (1 - s) x dense linear time in context (`layer_reading`).
 
     . benchmarks/device_env.sh; cd benchmarks; python3 gpu_profile.py --mlp-timeline
 
@@ -74,6 +75,24 @@ def profile_decode(dec, prompt, sparse, steps: int) -> dict:
                          "duration_us_per_token": dur[n] / steps} for n in rows]}
 
 
+def layer_linears_us(p: dict, layers: int) -> dict:
+    """A decoder layer's linear time read in context from one profile (`profile_decode`): the effective us per layer
+    of the kernels that run in every layer (calls per token >= layers), the attention excepted; "us" leaves the
+    RMSNorm kernels out (dense runs its norms as kernels of their own, sparse inside q/k/v and the compaction)."""
+    every = [k for k in p["kernels"] if k["calls_per_token"] >= layers and "attention" not in k["name"]]
+    total = sum(k["effective_us_per_token"] for k in every) / layers
+    norms = sum(k["effective_us_per_token"] for k in every if "rmsnorm" in k["name"]) / layers
+    return {"us": total - norms, "with_norms_us": total}
+
+
+def layer_reading(dense: dict, sparse: dict, layers: int, s: float = 0.5) -> dict:
+    """Sparse over (1 - s) x dense per layer, in context (`layer_linears_us`), without and with the dense norms."""
+    d, sp = layer_linears_us(dense, layers), layer_linears_us(sparse, layers)
+    return {"dense_us": d["us"], "dense_with_norms_us": d["with_norms_us"], "sparse_us": sp["with_norms_us"],
+            "sparse_over_ideal": sp["with_norms_us"] / ((1 - s) * d["us"]),
+            "sparse_over_ideal_with_norms": sp["with_norms_us"] / ((1 - s) * d["with_norms_us"])}
+
+
 def run(layers: int = 32, steps: int = 4) -> dict:
     """Profile dense, dense with cuBLAS o/down, and sparse decode; print the tables; return them."""
     dev = torch.device("cuda")
@@ -100,6 +119,10 @@ def run(layers: int = 32, steps: int = 4) -> dict:
         for k in p["kernels"]:
             print(f"  {k['name']:60s} {k['calls_per_token']:6.1f} {k['effective_us_per_token']:8.1f} "
                   f"{k['effective_us_per_token'] / layers:9.2f} {k['duration_us_per_token']:8.1f}")
+    res["layer_in_context"] = r = layer_reading(res["dense"], res["sparse"], layers)
+    print(f"\nper layer in context (kernels of every layer, attention excepted): sparse {r['sparse_us']:.2f} us, "
+          f"dense {r['dense_us']:.2f} ({r['dense_with_norms_us']:.2f} with its RMSNorms): sparse / (0.5 x dense) "
+          f"{r['sparse_over_ideal']:.3f} ({r['sparse_over_ideal_with_norms']:.3f} with the norms)")
     del dec
     torch.cuda.empty_cache()
     return res

@@ -3,7 +3,9 @@
 Small random Llama on CPU; Triton kernels under TRITON_INTERPRET=1. GPU timing lives in benchmarks/gpu_suite.py.
 """
 
+import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
@@ -150,6 +152,29 @@ def test_ablation_sets_runtime_settings_for_one_run(monkeypatch):
     with pytest.raises(AttributeError, match="no setting triton_decode.ATTN_SPLITS"):
         wb._ablation(None, None, 1, 1, lambda *a: None, "y", **{"triton_decode.ATTN_SPLITS": 1})
     assert len(seen) == 1
+
+
+def test_profile_layer_reading():
+    """gpu_profile's in-context per-layer reading (run CE's profile, µs per token over 32 layers): the kernels of every
+    layer but the attention, per layer; dense's RMSNorms counted apart; the LM head and final norm left out."""
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu_profile.py"
+    spec = importlib.util.spec_from_file_location("gpu_profile", path)
+    gp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gp)
+
+    def prof(*rows):
+        return {"kernels": [{"name": n, "calls_per_token": c, "effective_us_per_token": us} for n, c, us in rows]}
+
+    dense = prof(("nvjet_gate_up", 32, 1874.5), ("_sparse_gemv_kernel", 64, 1462.8), ("nvjet_qkv", 32, 506.3),
+                 ("nvjet_lm_head", 1, 248.2), ("_rope_attention_kernel", 32, 131.2), ("_rmsnorm_kernel", 65, 93.6))
+    sparse = prof(("_mlp_kernel", 32, 1584.2), ("_sparse_gemv_kernel", 64, 515.3), ("nvjet_lm_head", 1, 248.4),
+                  ("_compact_kernel", 32, 134.0), ("_rope_attention_kernel", 32, 128.9), ("_rmsnorm_kernel", 1, 1.3))
+    r = gp.layer_reading(dense, sparse, 32)
+    assert r["dense_us"] == pytest.approx((1874.5 + 1462.8 + 506.3) / 32)
+    assert r["dense_with_norms_us"] == pytest.approx((1874.5 + 1462.8 + 506.3 + 93.6) / 32)
+    assert r["sparse_us"] == pytest.approx((1584.2 + 515.3 + 134.0) / 32)
+    assert r["sparse_over_ideal"] == pytest.approx(1.162, abs=1e-3)
+    assert r["sparse_over_ideal_with_norms"] == pytest.approx(1.134, abs=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
