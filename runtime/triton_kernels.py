@@ -1251,7 +1251,7 @@ def _mlp_config(x, w_gu, seg_sizes, w_down, config: Optional[dict]) -> Optional[
 # (run AN); 4 warps instead of 8 (204 registers instead of 116, still 2 programs per SM, one wave): 381.7 against
 # 378.0 tok/s, the MLP alone 52.7-52.9 against 53.8 us (run BS, session 11); down 2 rows a step in 4 stages instead
 # of 4 in 3 (49 KB of shared memory instead of 66): 383.5-383.9 against 381.8-382.3 tok/s in runs CC and CD, the
-# kernel's span 47.2-48.6 us against 49.5-50.9 (session 12).
+# kernel's span 47.2-48.6 us against 49.8-50.7 (runs CC, BY; session 12).
 MLP_FUSED: Optional[dict] = dict(algo="fused", block_f=64, rows=64, rows_d=2, num_warps=4, compact_ch=2048,
                                  gu_stages=3, d_stages=4)
 
