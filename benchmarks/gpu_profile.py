@@ -78,7 +78,8 @@ def profile_decode(dec, prompt, sparse, steps: int) -> dict:
 def layer_linears_us(p: dict, layers: int) -> dict:
     """A decoder layer's linear time read in context from one profile (`profile_decode`): the effective us per layer
     of the kernels that run in every layer (calls per token >= layers), the attention excepted; "us" leaves the
-    RMSNorm kernels out (dense runs its norms as kernels of their own, sparse inside q/k/v and the compaction)."""
+    RMSNorm kernels out (dense runs its norms as kernels of their own, sparse inside q/k/v and the compaction; dense's
+    count also holds the final norm, 1 of its 65 calls)."""
     every = [k for k in p["kernels"] if k["calls_per_token"] >= layers and "attention" not in k["name"]]
     total = sum(k["effective_us_per_token"] for k in every) / layers
     norms = sum(k["effective_us_per_token"] for k in every if "rmsnorm" in k["name"]) / layers

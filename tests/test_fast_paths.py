@@ -156,7 +156,7 @@ def test_ablation_sets_runtime_settings_for_one_run(monkeypatch):
 
 def test_profile_layer_reading():
     """gpu_profile's in-context per-layer reading (run CE's profile, µs per token over 32 layers): the kernels of every
-    layer but the attention, per layer; dense's RMSNorms counted apart; the LM head and final norm left out."""
+    layer but the attention, per layer; dense's RMSNorms counted apart; the LM head (one call) left out."""
     path = Path(__file__).parents[1] / "benchmarks" / "gpu_profile.py"
     spec = importlib.util.spec_from_file_location("gpu_profile", path)
     gp = importlib.util.module_from_spec(spec)
