@@ -2,8 +2,9 @@
 
 Per matrix (each kind of linear, fused as the fast path runs it): sparse time, dense time, and the ideal
 (1 - s) x dense, at several sparsities, with activations drawn so the threshold keeps exactly a (1 - s) fraction.
-End to end: greedy decode tok/s of this repo's decoder dense and sparse (same loop; CUDA graphs on GPU), and
-transformers' own model with its static cache, dense, in the same run.
+Per layer (CUDA): the same three times, measured as the decode step runs a layer (`layer_chain`: all its kernels
+but the attention, in context). End to end: greedy decode tok/s of this repo's decoder dense and sparse (same loop;
+CUDA graphs on GPU), and transformers' own model with its static cache, dense, in the same run.
 
 Models: a checkpoint (CPU: SmolLM2) or, with `--synthetic llama3-8b`, a Llama-3-8B-shaped model with random weights
 built on the device; its thresholds are calibrated on its own activations (score quantiles of a dense pass).
@@ -11,14 +12,16 @@ built on the device; its thresholds are calibrated on its own activations (score
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from .decode import time_decode
-from .kernels import FusedSparseLinear, enable_fast_path
+from .decode import DecodeRunner, time_decode
+from .kernels import FusedDecodeStep, FusedSparseLinear, enable_fast_path
 from .sparse import SparseLinear
 
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65)
@@ -205,6 +208,94 @@ def matrix_bench(dec, sparsities=SPARSITIES, max_layers: int | None = None) -> d
     return {"matrices": res, "layer": layer}
 
 
+class _WithoutAttention(FusedDecodeStep):
+    """A block's decode step whose attention answers with the output it computed on the step's first call. What is
+    left are exactly the kernels the decode step runs for the layer's linears (q/k/v with its RMSNorm, o and the
+    residual, the MLP's RMSNorm, gate/up, down and the residual), on the data of that first, real step."""
+
+    def __init__(self, blk: nn.Module) -> None:
+        super().__init__(blk)
+        self.inputs: tuple | None = None
+        self.y: torch.Tensor | None = None
+
+    def __call__(self, x, cos, sin, pos, sparse):
+        x0 = x.clone() if self.inputs is None else None
+        out = super().__call__(x, cos, sin, pos, sparse)
+        if out is not None and x0 is not None:  # the first decode row this step took (not the prefill)
+            self.inputs = (x0, cos, sin, pos)
+        return out
+
+    def attention(self, *args, **kw) -> torch.Tensor:
+        if self.y is None:
+            self.y = super().attention(*args, **kw).clone()
+        return self.y
+
+
+@contextlib.contextmanager
+@torch.no_grad()
+def linears_only(dec, prompt: torch.Tensor) -> Iterator[Callable | None]:
+    """`chain(sparse) -> x`: one decode token through every block without its attention (`_WithoutAttention`),
+    from the first block's input of a real decode step after `prompt`; None where the blocks do not run
+    `FusedDecodeStep`. The blocks' own steps are back afterwards."""
+    blocks = list(dec.blocks)
+    if not all(isinstance(b.decode_step, FusedDecodeStep) for b in blocks):
+        yield None
+        return
+    saved = [b.decode_step for b in blocks]
+    steps = [_WithoutAttention(b) for b in blocks]
+    runner = None
+    try:
+        for b, st in zip(blocks, steps):
+            b.decode_step = st
+        runner = DecodeRunner(dec, 1, prompt.shape[1] + 2, sparse=True, use_graph=False)
+        runner.prefill(prompt)
+        runner.step()  # records each block's input and attention output
+
+        def chain(sparse) -> torch.Tensor:
+            x = steps[0].inputs[0]
+            for st in steps:
+                x = st(x, *st.inputs[1:], sparse)
+            return x
+
+        yield chain
+    finally:
+        if runner is not None:
+            runner.close()
+        for b, st in zip(blocks, saved):
+            b.decode_step = st
+
+
+@torch.no_grad()
+def layer_chain(dec, prompt: torch.Tensor, s: float) -> dict | None:
+    """Per decoder layer, in us: the wall time of a decode step's kernels other than the attention, dense and
+    sparse (thresholds as set, for sparsity s), the layers one after another in a CUDA graph as the decode step runs
+    them, with programmatic dependent launch where the decode uses it; "no_pdl": without (each kernel waits out the
+    previous one's launch gap). Dense counts its two RMSNorm launches, which sparse runs inside q/k/v and its
+    compaction launch. CUDA with `FusedDecodeStep` only, else None."""
+    from . import triton_kernels as tk
+
+    if dec.embed.weight.device.type != "cuda":
+        return None
+    n = len(dec.blocks)
+
+    def reading(chain) -> dict:
+        d = _graph_time_us([lambda: chain(None)], min_calls=16) / n
+        sp = _graph_time_us([lambda: chain(True)], min_calls=16) / n
+        return {"dense_us": d, "sparse_us": sp, "ideal_us": (1 - s) * d, "sparse_over_ideal": sp / ((1 - s) * d)}
+
+    with linears_only(dec, prompt) as chain:
+        if chain is None:
+            return None
+        res = reading(chain)
+        pdl = tk.PDL
+        try:
+            tk.PDL = False
+            res["no_pdl"] = reading(chain)
+        finally:
+            tk.PDL = pdl
+    return res
+
+
 @torch.no_grad()
 def hf_static_tok_s(hf, prompt: torch.Tensor, n_tokens: int, compile: bool = False, log=print) -> float:
     """transformers' greedy generate with its static cache, dense: decode tok/s (prefill subtracted, best of two).
@@ -308,6 +399,13 @@ def run_bench(checkpoint: str | None = None, synthetic: str | None = None, devic
         text = "The history of the city begins in the early middle ages, when a small settlement grew around"
         p = model.tokenizer(text, return_tensors="pt").input_ids[:, :prompt_len]
         prompt = p.to(dev)
+    if not skip_matrices:
+        result["layer_chain"] = lc = layer_chain(dec, prompt, sparsity)
+        if lc is not None:
+            log(f"  layer chain s={sparsity} (the decode step's kernels but the attention, wall time): dense "
+                f"{lc['dense_us']:.1f} sparse {lc['sparse_us']:.1f} ideal {lc['ideal_us']:.1f} us "
+                f"(sparse/ideal {lc['sparse_over_ideal']:.3f}); without PDL: dense {lc['no_pdl']['dense_us']:.1f} "
+                f"sparse {lc['no_pdl']['sparse_us']:.1f} (sparse/ideal {lc['no_pdl']['sparse_over_ideal']:.3f})")
     result.update(e2e(dec, prompt, tokens, hf=None if skip_hf else hf, rounds=rounds, hf_compile=hf_compile, log=log))
     log(f"decode: own dense {result['dense_tok_s']:.1f} tok/s, own sparse {result['sparse_tok_s']:.1f} tok/s "
         f"({result['sparse_over_dense']:.2f}x)" + (

@@ -9,9 +9,9 @@ the threshold test, the compaction and the accumulation in one call, over input-
 a time so that several memory streams are in flight, into an accumulator that stays in L1. The intra-op threads
 (`at::parallel_for`) split the output columns of long rows, or the active rows themselves when rows are short.
 
-The op is compiled on first use with `torch.utils.cpp_extension.load_inline` (needs a C++ compiler and `ninja`;
-the build is cached under `TORCH_EXTENSIONS_DIR`). `load()` returns None when it cannot be built, and the caller
-falls back to `embedding_bag`.
+The op is compiled on first use with `torch.utils.cpp_extension.load_inline` (needs a C++ compiler with OpenMP and
+`ninja`; the build is cached under `TORCH_EXTENSIONS_DIR`). `load()` returns None when it cannot be built, and the
+caller falls back to `embedding_bag`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -102,6 +103,14 @@ torch::Tensor sparse_matvec(const torch::Tensor& x, const torch::Tensor& w_t, co
   }
   if (bias.numel()) y.add_(bias);
   return y;
+}
+
+// How many threads at::parallel_for runs the ops on (each chunk counts itself): 1 when the extension was compiled
+// without OpenMP, whose pragma inside at::parallel_for is then ignored.
+int64_t parallel_threads() {
+  std::atomic<int64_t> n{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { n += 1; });
+  return n.load();
 }
 
 // ---- the rest of one decode step (runtime/kernels.py CpuDecodeStep): one call each instead of ~10 torch ops ----
@@ -207,8 +216,12 @@ def load() -> ModuleType | None:
         _module = load_inline(
             name="wina_cpu_sparse",
             cpp_sources=_SOURCE,
-            functions=["sparse_matvec", "rms_norm", "glu", "rope_attention"],
-            extra_cflags=["-O3", "-march=native"],
+            functions=["sparse_matvec", "parallel_threads", "rms_norm", "glu", "rope_attention"],
+            # -fopenmp: at::parallel_for is a header template whose threads come from an OpenMP pragma; compiled
+            # without it the op runs on one thread (it did until session 13: docs/BENCHMARKS.md, CPU). The
+            # extension then links the libgomp.so.1 torch has already loaded, so both share one thread pool.
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as e:  # no compiler, no ninja, ...: the embedding_bag path runs instead

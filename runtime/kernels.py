@@ -256,7 +256,6 @@ class FusedDecodeStep(_DecodeStep):
                 and hd & (hd - 1) == 0)
 
     def __call__(self, x, cos, sin, pos, sparse: SparseSpec) -> torch.Tensor | None:
-        from . import triton_decode as td
         from . import triton_kernels as tk
 
         blk = self.blk
@@ -274,10 +273,10 @@ class FusedDecodeStep(_DecodeStep):
         if hand and sparse:  # q/k/v's partial sums, finished by the attention
             q, k, v = a.qkv._fast(x1, sparse, blk.attn_norm, partial=p_qkv).split(a.qkv.sizes, -1)
             bias = None if a.qkv.bias is None else a.qkv.bias.split(a.qkv.sizes)
-            y = td.rope_attention(q, k, v, cos, sin, pos, a.cache.k, a.cache.v, a.window, partial=True, bias=bias)
+            y = self.attention(q, k, v, cos, sin, pos, partial=True, bias=bias)
         else:
             q, k, v = a.qkv.joint(x1, sparse, norm=blk.attn_norm).split(a.qkv.sizes, -1)
-            y = td.rope_attention(q, k, v, cos, sin, pos, a.cache.k, a.cache.v, a.window)
+            y = self.attention(q, k, v, cos, sin, pos)
         y = y.view(1, -1)
         if hand:  # o's partial sums, finished by the MLP's compaction launch (sparse) or the RMSNorm (dense)
             o = a.o
@@ -293,6 +292,14 @@ class FusedDecodeStep(_DecodeStep):
             gu = m.gate_up.joint(x1, sparse, norm=blk.mlp_norm)
             out = _linear_residual(m.down, gu, x1, sparse, glu=True)
         return out.view(x.shape)
+
+    def attention(self, q, k, v, cos, sin, pos, **kw) -> torch.Tensor:
+        """Rope, cache write and attention of one decode row (`triton_decode.rope_attention`; `partial=True`: q/k/v
+        arrive as split-K partial sums). A method, so that `bench.layer_chain` can time the step without it."""
+        from . import triton_decode as td
+
+        a = self.blk.attn
+        return td.rope_attention(q, k, v, cos, sin, pos, a.cache.k, a.cache.v, a.window, **kw)
 
     def _hands_over(self, x1: torch.Tensor, sparse: SparseSpec) -> bool:
         """Whether this step's split-K GEMVs hand their fp32 partial sums to the next kernel (`partial=`) instead of

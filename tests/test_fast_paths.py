@@ -239,6 +239,21 @@ def test_cpu_sparse_matvec_matches_reference(shape, with_scale):
         torch.testing.assert_close(got, want[0], rtol=1e-5, atol=1e-4)
 
 
+def test_cpu_ops_use_the_intra_op_threads():
+    """The C++ ops split their work over torch's intra-op threads: at::parallel_for needs the extension compiled
+    with OpenMP, without which it silently runs on one thread (as it did until session 13)."""
+    ops = cpu_kernels.load()
+    if ops is None:
+        pytest.skip(f"C++ ops not built: {cpu_kernels.failure()}")
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert ops.parallel_threads() == threads
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_cpu_embedding_bag_fallback_matches_reference(tiny):
     """Where the C++ op cannot be built, embedding_bag answers: the same decode logits."""
     from wina.runtime.kernels import _CpuKernel

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 from wina.runtime import bench as wb  # noqa: E402
 from wina.runtime import triton_decode as td  # noqa: E402
 from wina.runtime import triton_kernels as tk  # noqa: E402
-from wina.runtime.decode import teacher_forced_logits  # noqa: E402
+from wina.runtime.decode import DecodeRunner, teacher_forced_logits  # noqa: E402
 from wina.runtime.kernels import FusedDecodeStep, disable_fast_path, enable_fast_path  # noqa: E402
 from wina.runtime.model import apply_rope  # noqa: E402
 
@@ -307,6 +307,44 @@ def test_fused_decode_step_matches_plain_path(sparse, stream, fused_mlp, monkeyp
     assert handed == hand_over * 2 * 4
     assert all(blk.decode_step is None for blk in dec.blocks)
     torch.testing.assert_close(outs[True], outs[False], rtol=1e-4, atol=1e-4)
+
+
+def test_layer_chain_runs_the_decode_steps_linears_on_real_data(monkeypatch):
+    """`bench.linears_only` (what `bench.layer_chain` times on the GPU): the decode step with each block's attention
+    answering the output it recorded in a real step, on the GPU's path (split-K q/k/v handing its sums to the
+    attention, the MLP in two launches). Sparse, the chain gives that real step's logits bit for bit; dense, it runs
+    the dense kernels on the same inputs. It leaves the hand-over buffers zeroed and the blocks their own steps."""
+    monkeypatch.setattr(tk, "MLP_FUSED", dict(algo="fused", block_f=32, rows=4, rows_d=2, num_warps=4))
+    monkeypatch.setattr(tk, "TUNED", {})
+    d, f = SMALL["hidden_size"], SMALL["intermediate_size"]
+    tk.set_tuned(1, d, 2 * f, (f, f), dict(algo="stream", block_n=32, rows=4, split=2), variant="norm")
+    monkeypatch.setattr(td, "ATTN_SPLIT", 8)
+    hf = wb.synthetic_hf(SMALL, "cpu", torch.float32, layers=3)
+    dec = wb.decoder_from_hf(hf)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    wb.set_sparsity(dec, wb.calibrate(dec, ids), 0.5)
+    enable_fast_path(dec, backend="triton")
+    own = [blk.decode_step for blk in dec.blocks]
+    r = DecodeRunner(dec, 1, ids.shape[1] + 2, sparse=True, use_graph=False)
+    r.prefill(ids)
+    r.step()
+    real = r.logits
+    r.close()
+    with torch.no_grad(), wb.linears_only(dec, ids) as chain:
+        steps = [blk.decode_step for blk in dec.blocks]
+        assert all(isinstance(st, wb._WithoutAttention) for st in steps)
+        assert torch.equal(dec.lm_head(dec.norm(chain(True)))[:, -1], real)
+        x = steps[0].inputs[0]
+        for st in steps:
+            x = st(x, *st.inputs[1:], None)
+        dense = chain(None)
+        assert torch.equal(dense, x) and not torch.equal(dense, chain(True))
+        assert all(not p.any() for p in tk._PARTIAL_CACHE.values())
+    assert [blk.decode_step for blk in dec.blocks] == own
+    assert dec.max_cache_len == 0
+    disable_fast_path(dec)
+    with wb.linears_only(dec, ids) as chain:
+        assert chain is None
 
 
 def test_fused_decode_step_declines_other_calls():
