@@ -97,14 +97,15 @@ def generate(checkpoint, prompt, max_new_tokens, sparsity, method, sample, tempe
 @click.option("--skip-hf", is_flag=True, help="Skip transformers' static-cache baseline.")
 @click.option("--hf-compile/--hf-eager", default=None,
               help="transformers baseline with generate's automatic torch.compile (default on CUDA) or eager.")
-@click.option("--skip-matrices", is_flag=True, help="Skip the per-matrix table.")
+@click.option("--skip-matrices", is_flag=True, help="Skip the per-matrix table and the per-layer timing.")
 @dtype_opt
 @device_opt
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 @one_line_errors
 def bench(checkpoint, synthetic, sparsity, tokens, threads, rounds, skip_hf, hf_compile, skip_matrices, dtype,
           device, as_json) -> None:
-    """Sparse vs dense vs ideal time per matrix, and decode tok/s: own dense, own sparse, transformers static."""
+    """Sparse vs dense vs ideal time per matrix and per decoder layer (GPU), and decode tok/s: own dense, own sparse,
+    transformers static."""
     import torch
 
     from .bench import run_bench
