@@ -48,11 +48,19 @@ def recording(records: list, step: list):
         opts = {k: v for k, v in kwargs.items() if k not in params}
         records.append((step[0], self, dict(bound.arguments), dict(opts, grid=tuple(grid))))
 
+    from wina.runtime import triton_decode as td
+    from wina.runtime import triton_kernels as tk
+
+    pdl = tk.pdl_args
+    # the launch kwargs an H200 gets (CPU tensors get none); trees before session 13 (`--against`) lack the split
+    as_on_h200 = (lambda device, role="": tk.pdl_role_args(role)) if hasattr(tk, "pdl_role_args") else pdl
     JITFunction.run = record
+    tk.pdl_args = td.pdl_args = as_on_h200
     try:
         yield
     finally:
         JITFunction.run = run
+        tk.pdl_args = td.pdl_args = pdl
 
 
 def drive(step: list) -> None:

@@ -266,12 +266,12 @@ def linears_only(dec, prompt: torch.Tensor) -> Iterator[Callable | None]:
 
 
 @torch.no_grad()
-def layer_chain(dec, prompt: torch.Tensor, s: float) -> dict | None:
+def layer_chain(dec, prompt: torch.Tensor, s: float, no_pdl: bool = True) -> dict | None:
     """Per decoder layer, in us: the wall time of a decode step's kernels other than the attention, dense and
     sparse (thresholds as set, for sparsity s), the layers one after another in a CUDA graph as the decode step runs
     them, with programmatic dependent launch where the decode uses it; "no_pdl": without (each kernel waits out the
-    previous one's launch gap). Dense counts its two RMSNorm launches, which sparse runs inside q/k/v and its
-    compaction launch. CUDA with `FusedDecodeStep` only, else None."""
+    previous one's launch gap; not timed with `no_pdl=False`). Dense counts its two RMSNorm launches, which sparse
+    runs inside q/k/v and its compaction launch. CUDA with `FusedDecodeStep` only, else None."""
     from . import triton_kernels as tk
 
     if dec.embed.weight.device.type != "cuda":
@@ -287,6 +287,8 @@ def layer_chain(dec, prompt: torch.Tensor, s: float) -> dict | None:
         if chain is None:
             return None
         res = reading(chain)
+        if not no_pdl:
+            return res
         pdl = tk.PDL
         try:
             tk.PDL = False
@@ -419,7 +421,7 @@ def run_bench(checkpoint: str | None = None, synthetic: str | None = None, devic
             dev) else None
         for label, overrides in (ablate or {}).items():
             result.setdefault("ablations", {})[label] = _ablation(dec, prompt, tokens, rounds, log, label,
-                                                                  **overrides)
+                                                                  None if skip_matrices else sparsity, **overrides)
     return result
 
 
@@ -437,17 +439,24 @@ def _setting(key: str) -> tuple[object, str]:
     return owner, name
 
 
-def _ablation(dec, prompt, tokens: int, rounds: int, log, label: str, **settings) -> dict:
+def _ablation(dec, prompt, tokens: int, rounds: int, log, label: str, sparsity: float | None = None,
+              **settings) -> dict:
     """The same decode loop with some runtime settings changed (e.g. PDL=False, triton_decode.ATTN_SPLIT=64; see
-    `_setting`), then restored."""
+    `_setting`), then restored; with `sparsity`, also the per-layer reading (`layer_chain`, with PDL only)."""
     owners = {k: _setting(k) for k in settings}
     saved = {k: getattr(*owners[k]) for k in settings}
     for k, v in settings.items():
         setattr(*owners[k], v)
     try:
         r = e2e(dec, prompt, tokens, rounds=rounds)
+        lc = layer_chain(dec, prompt, sparsity, no_pdl=False) if sparsity is not None else None
     finally:
         for k, v in saved.items():
             setattr(*owners[k], v)
-    log(f"{label}: own dense {r['dense_tok_s']:.1f}, own sparse {r['sparse_tok_s']:.1f} tok/s")
-    return {k: r[k] for k in ("dense_tok_s", "sparse_tok_s", "sparse_over_dense")}
+    out = {k: r[k] for k in ("dense_tok_s", "sparse_tok_s", "sparse_over_dense")}
+    if lc is not None:
+        out["layer_chain"] = lc
+    log(f"{label}: own dense {r['dense_tok_s']:.1f}, own sparse {r['sparse_tok_s']:.1f} tok/s" + (
+        f"; layer chain dense {lc['dense_us']:.1f} sparse {lc['sparse_us']:.1f} us "
+        f"(sparse/ideal {lc['sparse_over_ideal']:.3f})" if lc is not None else ""))
+    return out

@@ -492,8 +492,8 @@ _PDL_OK: dict = {}
 # the next kernel launch early. Chosen by measurement, not by a rule (H200, docs/BENCHMARKS.md session 10, runs
 # BH-BJ): the sparse decode step gains from launching its attention (32 programs after the q/k/v GEMV's 1536) and
 # its compaction (4 programs after o's 2048) late, +1.0 % and about +0.4 %, dense loses nothing measurable; q/k/v,
-# o, down and the dense RMSNorm lose when launched late.
-PDL_LATE: frozenset = frozenset({"attention", "compact"})
+# o, down and the dense RMSNorm lose when launched late. The compaction has since moved to TRIGGER_AFTER_WAIT.
+PDL_LATE: frozenset = frozenset({"attention"})
 
 
 # Split-K GEMV roles ("qkv", "gemv", as in PDL_LATE) whose batch-1 programs load their first step's weight rows
@@ -507,10 +507,19 @@ PDL_LATE: frozenset = frozenset({"attention", "compact"})
 EARLY_ROWS: frozenset = frozenset({"qkv"})
 
 
+# Kernel roles ("attention", "compact"; not in PDL_LATE) launched early whose programs let the next kernel launch
+# only once past their own wait, instead of at their start: their own launch gap is hidden behind the previous
+# kernel, and the next kernel's programs still do not sit on the SMs while the previous one runs. Measured on an
+# H200 (docs/BENCHMARKS.md, session 13, run CN): the compaction this way, against launched late, 388.4 and 387.9
+# against 382.9 tok/s (three samples), same process; the attention this way loses (381.8), both 384.3-384.4.
+TRIGGER_AFTER_WAIT: frozenset = frozenset({"compact"})
+
+
 def pdl_args(device, role: str = "") -> dict:
     """Launch kwargs turning programmatic dependent launch on where it is available, else {}: the kernel may be
     scheduled before the previous one ends (it waits in `_pdl_wait`) and lets the next one be scheduled early. A
-    `role` in PDL_LATE is not launched early; a kernel not launched early passes `_pdl_wait` at once."""
+    `role` in PDL_LATE is not launched early; a kernel not launched early passes `_pdl_wait` at once. A role in
+    TRIGGER_AFTER_WAIT is launched early and lets the next kernel launch only once past its own wait."""
     if not PDL or device.type != "cuda" or _interpreting():
         return {}
     idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -519,7 +528,16 @@ def pdl_args(device, role: str = "") -> dict:
         _PDL_OK[idx] = torch.cuda.get_device_capability(idx)[0] >= 9 and hasattr(cuda_ext, "gdc_wait")
     if not _PDL_OK[idx]:
         return {}
-    return {"USE_PDL": True} if role in PDL_LATE else {"USE_PDL": True, "launch_pdl": True}
+    return pdl_role_args(role)
+
+
+def pdl_role_args(role: str = "") -> dict:
+    """`pdl_args` where programmatic dependent launch is available: by role (PDL_LATE, TRIGGER_AFTER_WAIT)."""
+    if role in PDL_LATE:
+        return {"USE_PDL": True}
+    if role in TRIGGER_AFTER_WAIT:
+        return {"USE_PDL": True, "launch_pdl": True, "LATE_TRIGGER": True}
+    return {"USE_PDL": True, "launch_pdl": True}
 
 
 _WS_CACHE = {}
@@ -809,13 +827,16 @@ if HAVE_TRITON:
     def _compact_kernel(x_ptr, thr_ptr, scale_ptr, idx_ptr, xv_ptr, cnt_ptr, K, NCHUNK, norm_ptr, eps,
                         HAS_SCALE: tl.constexpr, CH: tl.constexpr, HAS_NORM: tl.constexpr = False,
                         BLOCK_ROW: tl.constexpr = 16, USE_PDL: tl.constexpr = False, p_ptr=None, pb_ptr=None,
-                        x1_ptr=None, PENDING: tl.constexpr = False, HAS_PB: tl.constexpr = False):
+                        x1_ptr=None, PENDING: tl.constexpr = False, HAS_PB: tl.constexpr = False,
+                        LATE_TRIGGER: tl.constexpr = False):
         """grid (nseg, NCHUNK): chunk c of segment seg compacts channels [c*CH, (c+1)*CH) into its own slots. With
         HAS_NORM the input is RMSNorm(x) (norm weight at norm_ptr), with the formula, block and warps of
         `_rmsnorm_kernel`: the norm costs no launch of its own. PENDING (with HAS_NORM): the input is x1 = x + the
         o projection handed over as partial sums (p_ptr, bias pb_ptr; `_pending`), which segment 0's programs also
-        store at x1_ptr (the MLP's residual)."""
-        _pdl_launch(USE_PDL)
+        store at x1_ptr (the MLP's residual). LATE_TRIGGER: the next kernel is let launch after the wait
+        (`TRIGGER_AFTER_WAIT`)."""
+        if not LATE_TRIGGER:
+            _pdl_launch(USE_PDL)
         seg = tl.program_id(0)
         c = tl.program_id(1)
         t = _round_thr(tl.load(thr_ptr + seg).to(tl.float32), x_ptr, HAS_SCALE)
@@ -826,6 +847,8 @@ if HAVE_TRITON:
         if HAS_NORM:
             gw = tl.load(norm_ptr + offs, mask=m, other=0.0).to(tl.float32)
         _pdl_wait(USE_PDL)
+        if LATE_TRIGGER:
+            _pdl_launch(USE_PDL)
         row = tl.arange(0, BLOCK_ROW)
         if PENDING:
             x1 = _pending(x_ptr, p_ptr, pb_ptr, offs, m, HAS_PB)
