@@ -613,7 +613,7 @@ def main():
         ablate[a] = {key: ast.literal_eval(value) for key, _, value in (kv.partition("=") for kv in a.split(";"))}
     bench = wb.run_bench(synthetic="llama3-8b", device=DEV, dtype="bfloat16", sparsity=0.5, tokens=args.tokens,
                          hf_compile=not args.hf_eager, skip_hf=args.no_hf, log=log, ablate=ablate)
-    res["bench"] = bench  # bench["no_pdl"]: the same decode loop without programmatic dependent launch
+    res["bench"] = bench  # bench["no_pdl"]: decode and layer chain without programmatic dependent launch
     lay = bench["layer"]["0.5"]
     chain = bench.get("layer_chain") or {"sparse_over_ideal": float("nan")}
     acc = {

@@ -266,36 +266,21 @@ def linears_only(dec, prompt: torch.Tensor) -> Iterator[Callable | None]:
 
 
 @torch.no_grad()
-def layer_chain(dec, prompt: torch.Tensor, s: float, no_pdl: bool = True) -> dict | None:
+def layer_chain(dec, prompt: torch.Tensor, s: float) -> dict | None:
     """Per decoder layer, in us: the wall time of a decode step's kernels other than the attention, dense and
     sparse (thresholds as set, for sparsity s), the layers one after another in a CUDA graph as the decode step runs
-    them, with programmatic dependent launch where the decode uses it; "no_pdl": without (each kernel waits out the
-    previous one's launch gap; not timed with `no_pdl=False`). Dense counts its two RMSNorm launches, which sparse
-    runs inside q/k/v and its compaction launch. CUDA with `FusedDecodeStep` only, else None."""
-    from . import triton_kernels as tk
-
+    them (with the runtime's settings: `run_bench`'s "without PDL" ablation times it without programmatic dependent
+    launch). Dense counts its two RMSNorm launches, which sparse runs inside q/k/v and its compaction launch. CUDA
+    with `FusedDecodeStep` only, else None."""
     if dec.embed.weight.device.type != "cuda":
         return None
     n = len(dec.blocks)
-
-    def reading(chain) -> dict:
-        d = _graph_time_us([lambda: chain(None)], min_calls=16) / n
-        sp = _graph_time_us([lambda: chain(True)], min_calls=16) / n
-        return {"dense_us": d, "sparse_us": sp, "ideal_us": (1 - s) * d, "sparse_over_ideal": sp / ((1 - s) * d)}
-
     with linears_only(dec, prompt) as chain:
         if chain is None:
             return None
-        res = reading(chain)
-        if not no_pdl:
-            return res
-        pdl = tk.PDL
-        try:
-            tk.PDL = False
-            res["no_pdl"] = reading(chain)
-        finally:
-            tk.PDL = pdl
-    return res
+        d = _graph_time_us([lambda: chain(None)], min_calls=16) / n
+        sp = _graph_time_us([lambda: chain(True)], min_calls=16) / n
+    return {"dense_us": d, "sparse_us": sp, "ideal_us": (1 - s) * d, "sparse_over_ideal": sp / ((1 - s) * d)}
 
 
 @torch.no_grad()
@@ -406,8 +391,7 @@ def run_bench(checkpoint: str | None = None, synthetic: str | None = None, devic
         if lc is not None:
             log(f"  layer chain s={sparsity} (the decode step's kernels but the attention, wall time): dense "
                 f"{lc['dense_us']:.1f} sparse {lc['sparse_us']:.1f} ideal {lc['ideal_us']:.1f} us "
-                f"(sparse/ideal {lc['sparse_over_ideal']:.3f}); without PDL: dense {lc['no_pdl']['dense_us']:.1f} "
-                f"sparse {lc['no_pdl']['sparse_us']:.1f} (sparse/ideal {lc['no_pdl']['sparse_over_ideal']:.3f})")
+                f"(sparse/ideal {lc['sparse_over_ideal']:.3f})")
     result.update(e2e(dec, prompt, tokens, hf=None if skip_hf else hf, rounds=rounds, hf_compile=hf_compile, log=log))
     log(f"decode: own dense {result['dense_tok_s']:.1f} tok/s, own sparse {result['sparse_tok_s']:.1f} tok/s "
         f"({result['sparse_over_dense']:.2f}x)" + (
@@ -417,11 +401,12 @@ def run_bench(checkpoint: str | None = None, synthetic: str | None = None, devic
         from . import triton_kernels as tk
 
         # what PDL buys (None where it is not in use), and any ablations asked for
-        result["no_pdl"] = _ablation(dec, prompt, tokens, rounds, log, "without PDL", PDL=False) if tk.pdl_args(
-            dev) else None
+        chain_s = None if skip_matrices else sparsity  # the ablations' per-layer reading too
+        result["no_pdl"] = _ablation(dec, prompt, tokens, rounds, log, "without PDL", chain_s,
+                                     PDL=False) if tk.pdl_args(dev) else None
         for label, overrides in (ablate or {}).items():
-            result.setdefault("ablations", {})[label] = _ablation(dec, prompt, tokens, rounds, log, label,
-                                                                  None if skip_matrices else sparsity, **overrides)
+            result.setdefault("ablations", {})[label] = _ablation(dec, prompt, tokens, rounds, log, label, chain_s,
+                                                                  **overrides)
     return result
 
 
@@ -442,14 +427,14 @@ def _setting(key: str) -> tuple[object, str]:
 def _ablation(dec, prompt, tokens: int, rounds: int, log, label: str, sparsity: float | None = None,
               **settings) -> dict:
     """The same decode loop with some runtime settings changed (e.g. PDL=False, triton_decode.ATTN_SPLIT=64; see
-    `_setting`), then restored; with `sparsity`, also the per-layer reading (`layer_chain`, with PDL only)."""
+    `_setting`), then restored; with `sparsity`, also the per-layer reading (`layer_chain`)."""
     owners = {k: _setting(k) for k in settings}
     saved = {k: getattr(*owners[k]) for k in settings}
     for k, v in settings.items():
         setattr(*owners[k], v)
     try:
         r = e2e(dec, prompt, tokens, rounds=rounds)
-        lc = layer_chain(dec, prompt, sparsity, no_pdl=False) if sparsity is not None else None
+        lc = layer_chain(dec, prompt, sparsity) if sparsity is not None else None
     finally:
         for k, v in saved.items():
             setattr(*owners[k], v)

@@ -51,8 +51,7 @@ if HAVE_TRITON:
                                cnt_ptr, GROUP, NSPLIT, stride_ch, stride_cl, scale, WINDOW, HD: tl.constexpr,
                                P: tl.constexpr, NS_BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
                                USE_PDL: tl.constexpr = False, qb_ptr=None, kb_ptr=None, vb_ptr=None,
-                               PARTIAL: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
-                               LATE_TRIGGER: tl.constexpr = False):
+                               PARTIAL: tl.constexpr = False, HAS_BIAS: tl.constexpr = False):
         """grid (query heads, NSPLIT): program (h, sp) attends over cache positions [sp*P, sp*P + P) of its window;
         the program of the split holding `pos` adds the token itself (rotated k, v from registers; the head group's
         first program writes them to the cache row nobody else reads now). Partials (max, sum, acc) meet in an fp32
@@ -64,10 +63,8 @@ if HAVE_TRITON:
         earlier decode steps, which end in non-PDL kernels (the argmax, whose second launch advances the position)
         and begin with some (embedding, rotary row), so every write to them completed before this step's first PDL
         kernel started. cos/sin, this step's rotary row, are read after the wait. PARTIAL: q, k and v are the q/k/v
-        GEMV's fp32 partial sums (bias at qb/kb/vb_ptr with HAS_BIAS), finished here (`_head`). LATE_TRIGGER: the
-        next kernel is let launch after the wait, not at the start (`triton_kernels.TRIGGER_AFTER_WAIT`)."""
-        if not LATE_TRIGGER:
-            _pdl_launch(USE_PDL)
+        GEMV's fp32 partial sums (bias at qb/kb/vb_ptr with HAS_BIAS), finished here (`_head`)."""
+        _pdl_launch(USE_PDL)
         h = tl.program_id(0)
         sp = tl.program_id(1)
         kvh = h // GROUP
@@ -88,8 +85,6 @@ if HAVE_TRITON:
         k = tl.load(kc_ptr + ptr, mask=lm[:, None], other=0.0).to(tl.float32)
         v = tl.load(vc_ptr + ptr, mask=lm[:, None], other=0.0).to(tl.float32)
         _pdl_wait(USE_PDL)
-        if LATE_TRIGGER:
-            _pdl_launch(USE_PDL)
         if active:
             half: tl.constexpr = HD // 2
             partner = (d + half) % HD

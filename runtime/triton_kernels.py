@@ -507,11 +507,12 @@ PDL_LATE: frozenset = frozenset({"attention"})
 EARLY_ROWS: frozenset = frozenset({"qkv"})
 
 
-# Kernel roles ("attention", "compact"; not in PDL_LATE) launched early whose programs let the next kernel launch
-# only once past their own wait, instead of at their start: their own launch gap is hidden behind the previous
-# kernel, and the next kernel's programs still do not sit on the SMs while the previous one runs. Measured on an
-# H200 (docs/BENCHMARKS.md, session 13, run CN): the compaction this way, against launched late, 388.4 and 387.9
-# against 382.9 tok/s (three samples), same process; the attention this way loses (381.8), both 384.3-384.4.
+# Kernel roles (only "compact", whose kernel has `LATE_TRIGGER`; not in PDL_LATE) launched early whose programs let
+# the next kernel launch only once past their own wait, instead of at their start: their own launch gap is hidden
+# behind the previous kernel, and the next kernel's programs still do not sit on the SMs while the previous one runs.
+# Measured on an H200 (docs/BENCHMARKS.md, session 13, run CN): the compaction this way, against launched late, 388.4
+# and 387.9 against 382.9 tok/s (three samples), same process; the attention this way lost (381.8; both 384.3-384.4),
+# so its kernel has no such variant.
 TRIGGER_AFTER_WAIT: frozenset = frozenset({"compact"})
 
 
